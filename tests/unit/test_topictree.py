@@ -1,0 +1,13 @@
+from zmesh.topictree import render_tree
+
+
+def test_tree_counts_and_sizes() -> None:
+    text = render_tree([
+        {"topic": "a/b", "bytes": 3}, {"topic": "a/c", "bytes": 4}, {"topic": "x", "bytes": 1},
+        {"topic": "a//d", "bytes": 2},
+    ])
+    lines = text.splitlines()
+    assert lines[0] == "4 retained topics, 10 bytes"
+    assert "a  [3 topics, 9 B]" in lines[1]
+    assert any("(empty level)" in line for line in lines)
+    assert lines[-1].endswith("x  [1 B]")

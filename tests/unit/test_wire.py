@@ -1,0 +1,116 @@
+"""The mesh envelope: round trips, prefix filtering, and fuzzed frames from a bad peer."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zmesh import wire
+
+topics_st = st.text(
+    alphabet=st.characters(blacklist_characters="\x00+#", blacklist_categories=("Cs",)), min_size=1, max_size=40
+)
+items_st = st.lists(
+    st.tuples(
+        st.binary(max_size=64),
+        st.integers(0, 2),
+        st.booleans(),
+        st.integers(0, 2**63 - 1),
+        st.one_of(st.none(), st.dictionaries(st.sampled_from(["content_type", "x"]), st.text(max_size=5), max_size=2)),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@given(topics_st, items_st)
+def test_event_frame_round_trip(topic: str, items: list) -> None:
+    encoded = [wire.encode_item(*item) for item in items]
+    frame = wire.encode_event_frame(topic.encode(), encoded)
+    got_topic, got_items = wire.decode_event_frame(frame)
+    assert got_topic == topic
+    for (payload, qos, retain, ts, props), item in zip(items, got_items, strict=True):
+        assert (item.payload, item.qos, item.retain) == (payload, qos, retain)
+        if qos or retain or props:  # the bare form drops what it does not need
+            assert item.timestamp == ts and item.properties == (props or None)
+
+
+def test_plain_qos0_message_travels_as_bare_payload() -> None:
+    assert wire.encode_item(b"x", 0, False, 123, None) == b"x"
+    assert wire.encode_item(b"x", 1, False, 123, None) == [b"x", 1, 123, None]
+    assert wire.encode_item(b"", 0, True, 5, None) == [b"", wire.FLAG_RETAIN, 5, None]
+
+
+@given(topics_st, topics_st)
+def test_exact_prefix_never_matches_a_longer_topic(topic: str, other: str) -> None:
+    prefix = wire.subscription_prefix(topic, exact=True)
+    frame = wire.encode_event_frame(other.encode(), [b"p"])
+    assert frame.startswith(prefix) == (other == topic)
+
+
+def test_wildcard_prefix_matches_the_subtree() -> None:
+    prefix = wire.subscription_prefix("a/", exact=False)
+    assert wire.encode_event_frame(b"a/b", [b"p"]).startswith(prefix)
+    assert not wire.encode_event_frame(b"b/a", [b"p"]).startswith(prefix)
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        (b"no terminator", "terminator"),
+        (b"\x00" + msgpack.packb([1, []]), "empty topic"),
+        (b"t\x00\xc1", "undecodable"),
+        (b"t\x00" + msgpack.packb([2, []]), "version 2"),
+        (b"t\x00" + msgpack.packb({"a": 1}), "not \\[version"),
+        (b"t\x00" + msgpack.packb([1, [[b"p", 3, 0, None]]]), "malformed event item"),
+        (b"t\x00" + msgpack.packb([1, [[b"p", 1, "ts", None]]]), "malformed event item"),
+        (b"\xff\xfe\x00" + msgpack.packb([1, []]), "undecodable"),
+    ],
+)
+def test_bad_frames_raise_wire_error(frame: bytes, reason: str) -> None:
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_event_frame(frame)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_fuzzed_event_frames_raise_only_wire_error(data: bytes) -> None:
+    try:
+        wire.decode_event_frame(data)
+    except wire.WireError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_fuzzed_control_messages_raise_only_wire_error(data: bytes) -> None:
+    try:
+        wire.decode_control(data)
+    except wire.WireError:
+        pass
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.sampled_from(["t", "v", "n", "i", "pc", "pp", "pl", "h", "ps", "r"]),
+                       st.one_of(st.integers(-5, 70000), st.text(max_size=5), st.none(),
+                                 st.lists(st.lists(st.one_of(st.text(max_size=3), st.integers(0, 70000)), max_size=4), max_size=3))))
+def test_structurally_fuzzed_control_maps_raise_only_wire_error(body: dict) -> None:
+    body.setdefault("t", "hello")
+    try:
+        wire.decode_control(msgpack.packb(body))
+    except wire.WireError:
+        pass
+
+
+def test_hello_round_trip() -> None:
+    hello = wire.Hello("a", wire.WIRE_VERSION, 42, 7100, 40000, 40001, None, (("KEY", "10.0.0.2", 7100),))
+    message = wire.decode_control(wire.encode_control(wire.HELLO, hello))
+    assert (message.kind, message.version, message.hello) == (wire.HELLO, wire.WIRE_VERSION, hello)
+
+
+def test_other_version_decodes_so_it_can_be_refused() -> None:
+    data = msgpack.packb({"t": "hello", "v": 99, "n": "x"})
+    message = wire.decode_control(data)
+    assert message.version == 99 and message.hello is None

@@ -1,0 +1,106 @@
+"""Who is in the mesh: peer records and their liveness. Pure: hellos and ``now`` in, events out.
+
+A peer is known by its CURVE public key, never by what it claims: the key comes from the
+ZAP-authenticated connection. Its state moves
+
+    connecting --hello--> up --no hello for `expiry` s--> down --hello--> up
+
+and a hello whose incarnation or ports differ from the last one means the peer restarted:
+its ephemeral ports may have changed, so the caller re-dials it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from zmesh.wire import Hello
+
+
+class PeerState(enum.Enum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass
+class Peer:
+    key: str  # z85 public key: the identity
+    host: str  # where we reach it
+    control_port: int
+    name: str = ""
+    hello: Hello | None = None
+    state: PeerState = PeerState.CONNECTING
+    last_seen: float = 0.0
+    since: float = 0.0  # when the state last changed
+    seed: bool = False  # configured by hand: keep dialling it while down
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.host}:{self.control_port}"
+
+    def endpoint(self, port: int) -> str:
+        host = self.hello.host if self.hello and self.hello.host else self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"tcp://{host}:{port}"
+
+
+class EventKind(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    RESTARTED = "restarted"
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    kind: EventKind
+    peer: Peer
+
+
+@dataclass
+class Membership:
+    expiry: float
+    peers: dict[str, Peer] = field(default_factory=dict)
+
+    def ensure(self, key: str, host: str, control_port: int, now: float, seed: bool = False) -> Peer:
+        """The record for ``key``, created in the connecting state if new."""
+        peer = self.peers.get(key)
+        if peer is None:
+            peer = Peer(key=key, host=host, control_port=control_port, since=now, seed=seed)
+            self.peers[key] = peer
+        peer.seed = peer.seed or seed
+        return peer
+
+    def observe(self, key: str, hello: Hello, now: float) -> list[PeerEvent]:
+        """A hello or welcome arrived from ``key`` (which ``ensure`` has recorded)."""
+        peer = self.peers[key]
+        previous = peer.hello
+        peer.hello, peer.name, peer.last_seen = hello, hello.name, now
+        peer.control_port = hello.control_port
+        if peer.state is not PeerState.UP:
+            peer.state, peer.since = PeerState.UP, now
+            return [PeerEvent(EventKind.UP, peer)]
+        if previous is not None and _endpoints(previous) != _endpoints(hello):
+            peer.since = now
+            return [PeerEvent(EventKind.RESTARTED, peer)]
+        return []
+
+    def expire(self, now: float) -> list[PeerEvent]:
+        """Mark down every peer not heard from within ``expiry`` seconds."""
+        events = []
+        for peer in self.peers.values():
+            if peer.state is PeerState.UP and now - peer.last_seen > self.expiry:
+                peer.state, peer.since = PeerState.DOWN, now
+                events.append(PeerEvent(EventKind.DOWN, peer))
+        return events
+
+    def forget(self, key: str) -> Peer | None:
+        return self.peers.pop(key, None)
+
+    def up(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.state is PeerState.UP]
+
+
+def _endpoints(hello: Hello) -> tuple[int, int, int, int, str | None]:
+    return (hello.incarnation, hello.control_port, hello.pub_port, hello.pull_port, hello.host)

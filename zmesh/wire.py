@@ -1,0 +1,217 @@
+"""The mesh envelope: what one node sends another over ZeroMQ. Pure: bytes in, values out.
+
+Event frames (PUB -> SUB) are ONE ZeroMQ frame each, because a multipart send is a Python
+loop per frame in pyzmq and costs 3x a single frame::
+
+    topic (UTF-8) | 0x00 | msgpack([WIRE_VERSION, [item, item, ...]])
+
+* The topic comes first so that ZeroMQ's prefix filtering at the publishing node works on
+  the literal prefix of a subscriber's filter. MQTT forbids U+0000 in topic names, so the
+  NUL byte cannot occur inside a topic and ends it unambiguously; an exact (wildcard-free)
+  filter subscribes to ``topic + NUL`` and so never receives ``topic/longer``.
+* Many messages for the same topic travel in one frame: coalescing per topic under load is
+  what lets the mesh beat a per-message send loop, and it keeps prefix filtering exact.
+* An item is the bare payload (``bytes``) for the common case of QoS 0, not retained, no
+  properties; otherwise ``[payload, flags, timestamp, properties-or-None]`` with
+  ``flags = qos | retain << 2``. The bare form saves a list per message on both sides.
+
+The sending node's identity is never read from the envelope: the receiver knows it from the
+CURVE key of the socket the frame came from.
+
+Control messages (DEALER -> ROUTER) are msgpack maps with a type under ``"t"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack
+
+WIRE_VERSION = 1
+TOPIC_END = b"\x00"
+FLAG_RETAIN = 4
+QOS_MASK = 3
+
+
+class WireError(ValueError):
+    """A frame from a peer that is not a valid envelope of a version we speak."""
+
+
+class Item(NamedTuple):
+    """One message inside an event frame, decoded."""
+
+    payload: bytes
+    qos: int
+    retain: bool
+    timestamp: int
+    properties: dict[str, Any] | None
+
+
+def encode_item(
+    payload: bytes, qos: int, retain: bool, timestamp: int, properties: dict[str, Any] | None
+) -> bytes | list[Any]:
+    """The wire form of one message: the bare payload when nothing else needs saying."""
+    if qos == 0 and not retain and not properties:
+        return payload
+    return [payload, qos | (FLAG_RETAIN if retain else 0), timestamp, properties or None]
+
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode_event_frame(topic: bytes, items: list[bytes | list[Any]]) -> bytes:
+    """One frame carrying ``items`` (from :func:`encode_item`) for one topic."""
+    return topic + TOPIC_END + _packb([WIRE_VERSION, items])
+
+
+def subscription_prefix(literal_prefix: str, exact: bool) -> bytes:
+    """The ZeroMQ SUB prefix for a filter: its literal prefix, closed by NUL when exact."""
+    prefix = literal_prefix.encode()
+    return prefix + TOPIC_END if exact else prefix
+
+
+def decode_event_frame(frame: bytes) -> tuple[str, list[Item]]:
+    """Split a frame into its topic and decoded items. Raises WireError on anything malformed."""
+    end = frame.find(TOPIC_END)
+    if end <= 0:
+        raise WireError("event frame has no topic terminator" if end < 0 else "empty topic")
+    try:
+        topic = frame[:end].decode()
+        body = msgpack.unpackb(frame[end + 1 :], raw=False, use_list=True)
+    except (UnicodeDecodeError, ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable event frame: {exc}") from None
+    if not isinstance(body, list) or len(body) != 2:
+        raise WireError("event body is not [version, items]")
+    version, raw_items = body
+    if version != WIRE_VERSION:
+        raise WireError(f"event frame version {version!r}; this node speaks {WIRE_VERSION}")
+    if not isinstance(raw_items, list):
+        raise WireError("event items are not a list")
+    return topic, [_decode_item(raw) for raw in raw_items]
+
+
+def _decode_item(raw: Any) -> Item:
+    if type(raw) is bytes:
+        return Item(raw, 0, False, 0, None)
+    if (
+        isinstance(raw, list)
+        and len(raw) == 4
+        and type(raw[0]) is bytes
+        and type(raw[1]) is int
+        and 0 <= raw[1] <= 7
+        and (raw[1] & QOS_MASK) != 3
+        and type(raw[2]) is int
+        and (raw[3] is None or isinstance(raw[3], dict))
+    ):
+        payload, flags, timestamp, properties = raw
+        return Item(payload, flags & QOS_MASK, bool(flags & FLAG_RETAIN), timestamp, properties)
+    raise WireError("malformed event item")
+
+
+# ---------------------------------------------------------------------------------------
+# Control messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a node says about itself; sent as hello (request) and as welcome (reply).
+
+    Ports only, no host: the receiver reaches us at the host it already knows (the seed it
+    dialled, or the address our connection came from), so a node bound to 0.0.0.0 or
+    behind NAT-free pod networking needs no configuration to be reachable. An explicit
+    ``host`` overrides that when set (``mesh.advertise_host``).
+    """
+
+    name: str
+    version: int
+    incarnation: int
+    control_port: int
+    pub_port: int
+    pull_port: int
+    host: str | None = None
+    # (public key z85, host, control port) of peers this node knows: peer exchange.
+    peers: tuple[tuple[str, str, int], ...] = field(default_factory=tuple)
+
+
+HELLO = "hello"
+WELCOME = "welcome"
+REFUSED = "refused"
+
+
+def encode_control(kind: str, hello: Hello | None = None, reason: str = "") -> bytes:
+    body: dict[str, Any] = {"t": kind, "v": WIRE_VERSION}
+    if hello is not None:
+        body.update(
+            n=hello.name,
+            i=hello.incarnation,
+            pc=hello.control_port,
+            pp=hello.pub_port,
+            pl=hello.pull_port,
+            h=hello.host,
+            ps=[list(p) for p in hello.peers],
+        )
+    if reason:
+        body["r"] = reason
+    return _packb(body)
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    kind: str
+    version: int
+    hello: Hello | None
+    reason: str
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    """Decode a control message. A peer speaking another protocol version decodes fine (so
+    it can be told why it is refused); the caller compares ``version``."""
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable control message: {exc}") from None
+    if not isinstance(body, dict):
+        raise WireError("control message is not a map")
+    kind, version = body.get("t"), body.get("v")
+    if not isinstance(kind, str) or type(version) is not int:
+        raise WireError("control message lacks type or version")
+    reason = body.get("r", "")
+    if not isinstance(reason, str):
+        raise WireError("control reason is not a string")
+    hello = None
+    if kind in (HELLO, WELCOME) and version == WIRE_VERSION:
+        hello = _decode_hello(body)
+    return ControlMessage(kind, version, hello, reason)
+
+
+def _decode_hello(body: dict[str, Any]) -> Hello:
+    name, incarnation = body.get("n"), body.get("i")
+    ports = [body.get("pc"), body.get("pp"), body.get("pl")]
+    host, peers = body.get("h"), body.get("ps", [])
+    if not isinstance(name, str) or not name or type(incarnation) is not int:
+        raise WireError("hello lacks name or incarnation")
+    if not all(type(p) is int and 0 < p < 65536 for p in ports):
+        raise WireError("hello has invalid ports")
+    if host is not None and not isinstance(host, str):
+        raise WireError("hello host is not a string")
+    if not isinstance(peers, list) or not all(
+        isinstance(p, list)
+        and len(p) == 3
+        and isinstance(p[0], str)
+        and isinstance(p[1], str)
+        and type(p[2]) is int
+        and 0 < p[2] < 65536
+        for p in peers
+    ):
+        raise WireError("hello peer list is malformed")
+    return Hello(
+        name=name,
+        version=WIRE_VERSION,
+        incarnation=incarnation,
+        control_port=ports[0],
+        pub_port=ports[1],
+        pull_port=ports[2],
+        host=host,
+        peers=tuple((p[0], p[1], p[2]) for p in peers),
+    )
