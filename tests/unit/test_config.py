@@ -1,0 +1,474 @@
+"""Node configuration: defaults, a full file, overrides, paths, and errors that name file and key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zmesh.config import (
+    ConfigError,
+    LogConfig,
+    MeshConfig,
+    MqttConfig,
+    NodeConfig,
+    load_config,
+    parse_hostport,
+)
+
+FULL = """
+[node]
+name = "alpha"
+data_dir = "data/alpha"
+
+[mesh]
+listen = "0.0.0.0:7101"
+cert = "../certs/alpha.key_secret"
+trusted = "/etc/zmesh/trusted"
+peers = ["10.0.0.2:7101", "[fd00::3]:7101", "beta.mesh.svc:7101"]
+heartbeat_interval = 2          # an int where a float is expected: fine
+peer_expiry = 7.5
+advertise_host = "10.0.0.1"
+
+[mqtt]
+listen = "[::1]:0"
+max_packet_size = 65536
+max_inflight = 5
+max_queued = 0
+
+[log]
+level = "DEBUG"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path: Path | None, overrides: dict | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return info.value
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_defaults_with_only_a_name(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[node]\nname = "a"\n'))
+    assert config == NodeConfig(name="a", source=str(tmp_path / "node.toml"))
+    assert config.mesh == MeshConfig()
+    assert config.mesh.listen == "127.0.0.1:7100" and config.mesh.peers == ()
+    assert (config.mesh.heartbeat_interval, config.mesh.peer_expiry) == (1.0, 5.0)
+    assert config.mqtt == MqttConfig(
+        listen="127.0.0.1:1883", max_packet_size=1048576, max_inflight=20, max_queued=1000
+    )
+    assert config.log == LogConfig(level="info")
+    assert (
+        config.data_dir is None and config.mesh.cert is None and config.mesh.advertise_host is None
+    )
+
+
+def test_no_file_only_overrides() -> None:
+    config = load_config(None, {"node.name": "solo"})
+    assert config.name == "solo"
+    assert config.mesh == MeshConfig() and config.mqtt == MqttConfig()
+    assert config.source == "<command line>"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(None, {"node.name": "a"})
+    with pytest.raises(AttributeError):
+        config.name = "b"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        config.mesh.listen = "x"  # type: ignore[misc]
+
+
+def test_full_file(tmp_path: Path) -> None:
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    config = load_config(write(config_dir, FULL))
+    assert config.name == "alpha"
+    assert config.data_dir == config_dir / "data" / "alpha"
+    assert config.mesh == MeshConfig(
+        listen="0.0.0.0:7101",
+        cert=config_dir / ".." / "certs" / "alpha.key_secret",
+        trusted=Path("/etc/zmesh/trusted"),
+        peers=("10.0.0.2:7101", "[fd00::3]:7101", "beta.mesh.svc:7101"),
+        heartbeat_interval=2.0,
+        peer_expiry=7.5,
+        advertise_host="10.0.0.1",
+    )
+    assert isinstance(config.mesh.heartbeat_interval, float)
+    assert config.mqtt == MqttConfig(
+        listen="[::1]:0", max_packet_size=65536, max_inflight=5, max_queued=0
+    )
+    assert config.log.level == "debug"
+    assert config.source == str(config_dir / "node.toml")
+
+
+def test_example_node_configs_load() -> None:
+    nodes = Path(__file__).resolve().parents[2] / "nodes"
+    files = sorted(nodes.glob("*.toml"))
+    if not files:
+        pytest.skip("no example configs in nodes/")
+    for file in files:
+        config = load_config(file)
+        assert config.name == file.stem
+        assert config.mesh.cert is not None and config.mesh.cert.is_absolute()
+
+
+def test_mqtt_listen_empty_string_disables(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n[mqtt]\nlisten = ""\n')
+    assert load_config(path).mqtt.listen is None
+    assert load_config(None, {"node.name": "a", "mqtt.listen": ""}).mqtt.listen is None
+    assert load_config(None, {"node.name": "a", "mqtt.listen": None}).mqtt.listen is None
+
+
+def test_advertise_host_ipv6_is_stored_bare() -> None:
+    for given_host in ("[fd00::1]", "fd00::1"):
+        config = load_config(None, {"node.name": "a", "mesh.advertise_host": given_host})
+        assert config.mesh.advertise_host == "fd00::1"
+
+
+# ---------------------------------------------------------------------------- overrides and paths
+
+
+def test_overrides_beat_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    config = load_config(
+        path,
+        {
+            "node.name": "other",
+            "mesh.peers": ["h:1"],
+            "mqtt.listen": "127.0.0.1:1884",
+            "log.level": "warning",
+            "mqtt.max_inflight": "30",  # command-line values arrive as strings
+            "mesh.peer_expiry": "9",
+        },
+    )
+    assert config.name == "other"
+    assert config.mesh.peers == ("h:1",)
+    assert config.mqtt.listen == "127.0.0.1:1884"
+    assert config.log.level == "warning"
+    assert config.mqtt.max_inflight == 30
+    assert config.mesh.peer_expiry == 9.0
+    # Untouched keys still come from the file.
+    assert config.mesh.listen == "0.0.0.0:7101"
+    assert config.mqtt.max_packet_size == 65536
+
+
+def test_comma_separated_peers_from_the_command_line() -> None:
+    config = load_config(None, {"node.name": "a", "mesh.peers": "a:1, b:2,"})
+    assert config.mesh.peers == ("a:1", "b:2")
+
+
+def test_relative_paths_from_file_resolve_against_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = tmp_path / "conf"
+    elsewhere = tmp_path / "elsewhere"
+    config_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the cwd must not matter for file values
+    path = write(
+        config_dir,
+        '[node]\nname = "a"\ndata_dir = "d"\n[mesh]\ncert = "c/a.key_secret"\ntrusted = "/abs/t"\n',
+    )
+    config = load_config(Path(os.path.relpath(path, elsewhere)))
+    assert config.data_dir == config_dir / "d"
+    assert config.mesh.cert == config_dir / "c" / "a.key_secret"
+    assert config.mesh.trusted == Path("/abs/t")
+
+
+def test_relative_paths_from_command_line_resolve_against_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = tmp_path / "conf"
+    config_dir.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write(config_dir, '[node]\nname = "a"\n[mesh]\ncert = "c/a.key_secret"\n')
+    config = load_config(
+        path, {"mesh.cert": "mine.key_secret", "mesh.trusted": Path("keys"), "node.data_dir": "d"}
+    )
+    assert config.mesh.cert == tmp_path / "mine.key_secret"
+    assert config.mesh.trusted == tmp_path / "keys"
+    assert config.data_dir == tmp_path / "d"
+    assert all(
+        p is not None and p.is_absolute()
+        for p in (config.mesh.cert, config.mesh.trusted, config.data_dir)
+    )
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('[node]\nname = "a"\n[mesh]\npeer = ["a:1"]\n', "mesh.peer", "did you mean mesh.peers?"),
+        (
+            '[node]\nname = "a"\n[mesh]\nheartbeat = 2\n',
+            "mesh.heartbeat",
+            "did you mean mesh.heartbeat_interval?",
+        ),
+        ('[node]\nname = "a"\n[mqt]\nlisten = "h:1"\n', "mqt", "did you mean [mqtt]?"),
+        ('name = "a"\n', "name", "did you mean node.name?"),
+        ('[node]\nname = "a"\n[mesh]\nname = "b"\n', "mesh.name", "did you mean node.name?"),
+        ('[node]\nname = "a"\n[mesh]\nzzzz = 1\n', "mesh.zzzz", "unknown key"),
+        ('[node]\nname = "a"\n[mesh.extra]\nx = 1\n', "mesh.extra", "unknown key"),
+        ("node = 1\n", "node", "expected a table"),
+    ],
+)
+def test_unknown_keys_name_file_and_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    path = write(tmp_path, text)
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), key)
+    assert str(err).startswith(f"{path}: {key}: ")
+    assert fragment in str(err)
+
+
+@pytest.mark.parametrize(
+    ("table_and_value", "key", "fragment"),
+    [
+        # wrong types
+        ("[mqtt]\nmax_inflight = true", "mqtt.max_inflight", "expected an integer, got boolean"),
+        ('[mqtt]\nmax_inflight = "20"', "mqtt.max_inflight", "expected an integer, got string"),
+        ("[mqtt]\nmax_queued = 1.5", "mqtt.max_queued", "expected an integer, got float"),
+        ("[mesh]\nheartbeat_interval = false", "mesh.heartbeat_interval", "expected a number"),
+        ('[mesh]\npeers = "h:1"', "mesh.peers", "expected an array"),
+        ("[mesh]\npeers = [1]", "mesh.peers", "item 0"),
+        ("[mesh]\nlisten = 7100", "mesh.listen", "expected a string, got integer"),
+        ("[mesh]\ncert = 1", "mesh.cert", "expected a string"),
+        ('[mesh]\ncert = ""', "mesh.cert", "empty"),
+        ("[log]\nlevel = 1", "log.level", "expected a string"),
+        ("[mesh.listen]\nhost = 'x'", "mesh.listen", "expected a string, got a table"),
+        # bad values
+        ('[mesh]\nlisten = "127.0.0.1"', "mesh.listen", "missing port"),
+        ('[mesh]\nlisten = "::1:7100"', "mesh.listen", "brackets"),
+        ('[mesh]\nlisten = "127.0.0.1:70000"', "mesh.listen", "out of range"),
+        ('[mesh]\nlisten = "127.0.0.1:x"', "mesh.listen", "not a number"),
+        ('[mesh]\nlisten = ":7100"', "mesh.listen", "missing host"),
+        ('[mesh]\nlisten = "10.0.0.256:1"', "mesh.listen", "not a valid IPv4"),
+        ('[mqtt]\nlisten = "[zz::1]:1883"', "mqtt.listen", "not a valid IPv6"),
+        ('[mesh]\npeers = ["h:1", "h:0"]', "mesh.peers", "item 1"),
+        ('[mesh]\npeers = ["bad host:1"]', "mesh.peers", "item 0"),
+        ('[mesh]\nadvertise_host = "a b"', "mesh.advertise_host", "not a valid host"),
+        ("[mesh]\nheartbeat_interval = 0", "mesh.heartbeat_interval", "greater than 0"),
+        ("[mesh]\nheartbeat_interval = -1.0", "mesh.heartbeat_interval", "greater than 0"),
+        ("[mesh]\npeer_expiry = inf", "mesh.peer_expiry", "finite"),
+        ("[mesh]\npeer_expiry = nan", "mesh.peer_expiry", "finite"),
+        ("[mesh]\npeer_expiry = 0.5", "mesh.peer_expiry", "greater than mesh.heartbeat_interval"),
+        (
+            "[mesh]\nheartbeat_interval = 10",
+            "mesh.heartbeat_interval",
+            "greater than mesh.heartbeat_interval",
+        ),
+        ("[mqtt]\nmax_inflight = 0", "mqtt.max_inflight", "from 1 to 65535"),
+        ("[mqtt]\nmax_packet_size = -5", "mqtt.max_packet_size", "must be from"),
+        ('[log]\nlevel = "loud"', "log.level", "debug, info, warning, error"),
+    ],
+)
+def test_bad_values_name_file_and_key(
+    tmp_path: Path, table_and_value: str, key: str, fragment: str
+) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n' + table_and_value + "\n")
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), key), str(err)
+    assert str(err).startswith(f"{path}: {key}: ")
+    assert fragment in str(err)
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "a/b", "ünï"])
+def test_bad_names(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, f'[node]\nname = "{name}"\n')
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), "node.name")
+
+
+def test_missing_name(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mesh]\nlisten = "127.0.0.1:1"\n')
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), "node.name")
+    assert "required" in str(err)
+    assert error_of(None).key == "node.name"
+
+
+def test_toml_syntax_error_gives_file_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n\n[mesh\nlisten = "h:1"\n')
+    err = error_of(path)
+    assert err.file == str(path)
+    assert str(err).startswith(f"{path}: TOML syntax error: ")
+    assert "line 4" in str(err) and "column" in str(err)
+
+
+def test_missing_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    err = error_of(missing)
+    assert err.file == str(missing) and "not found" in str(err)
+
+    assert "directory" in str(error_of(tmp_path))
+
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b'[node]\nname = "\xff"\n')
+    err = error_of(binary)
+    assert err.file == str(binary) and "UTF-8" in str(err)
+
+
+def test_command_line_errors_name_the_command_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n')
+    cases = [
+        ({"node.nam": "b"}, "node.nam", "did you mean node.name?"),
+        ({"mqtt.listen": "nonsense"}, "mqtt.listen", "missing port"),
+        ({"mesh.heartbeat_interval": "fast"}, "mesh.heartbeat_interval", "expected a number"),
+        ({"mesh.peer_expiry": "0.5"}, "mesh.peer_expiry", "greater than"),
+        ({"mqtt.max_inflight": "many"}, "mqtt.max_inflight", "expected an integer"),
+        ({"log.level": "loud"}, "log.level", "log level"),
+        ({"node.name": None}, "node.name", "expected a string"),
+        ({"mesh.peers": ["h:1", "::1"]}, "mesh.peers", "item 1"),
+    ]
+    for overrides, key, fragment in cases:
+        err = error_of(path, overrides)
+        assert (err.file, err.key) == ("<command line>", key), str(err)
+        assert str(err).startswith(f"<command line>: {key}: ")
+        assert fragment in str(err), str(err)
+
+
+def test_cross_check_blames_the_file_when_the_file_is_wrong(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n[mesh]\npeer_expiry = 3\n')
+    err = error_of(path, {"mesh.heartbeat_interval": "4"})
+    # peer_expiry was given in the file; the file's value is what is inconsistent now.
+    assert (err.file, err.key) == (str(path), "mesh.peer_expiry")
+
+
+# ---------------------------------------------------------------------------- parse_hostport
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7100", ("127.0.0.1", 7100)),
+        ("localhost:0", ("localhost", 0)),
+        ("node-1.mesh.svc.cluster.local:65535", ("node-1.mesh.svc.cluster.local", 65535)),
+        ("[::1]:7100", ("::1", 7100)),
+        ("[::]:1", ("::", 1)),
+        ("[fe80::1%eth0]:5", ("fe80::1%eth0", 5)),
+    ],
+)
+def test_parse_hostport_good(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+def test_parse_hostport_default_port() -> None:
+    assert parse_hostport("example.org", 1883) == ("example.org", 1883)
+    assert parse_hostport("[::1]", 1883) == ("::1", 1883)
+    assert parse_hostport("example.org:1", 1883) == ("example.org", 1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "host",
+        ":1",
+        "host:",
+        "host:-1",
+        "host:+1",
+        "host:1_0",
+        "host:65536",
+        "host:١٢",
+        " host:1",
+        "::1",
+        "[::1",
+        "[::1]x",
+        "[host]:1",
+        "a b:1",
+        "host:1:2",
+        "[::1]:",
+    ],
+)
+def test_parse_hostport_bad(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_hostport(text)
+    assert repr(text) in str(info.value) or text == ""
+
+
+def test_parse_hostport_rejects_non_strings() -> None:
+    with pytest.raises(ValueError):
+        parse_hostport(7100)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+_VALID_FRAGMENTS = st.sampled_from(
+    [
+        "[node]\n",
+        'name = "a"\n',
+        "[mesh]\n",
+        "[mqtt]\n",
+        "[log]\n",
+        'listen = "127.0.0.1:1"\n',
+        "peers = [",
+        '"h:1"',
+        "]\n",
+        "heartbeat_interval = 0.5\n",
+        "peer_expiry = 1e400\n",
+        'level = "info"\n',
+        "max_inflight = 3\n",
+        'cert = "x"\n',
+        "[[node]]\n",
+        "x = {a=1}\n",
+        "= \n",
+        '"\\u0000"',
+        "'''",
+        "\n",
+        "[",
+        "]",
+        "1979-05-27T07:32:00Z",
+        "inf",
+        "-0",
+        "0x10",
+    ]
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.one_of(st.text(), st.lists(_VALID_FRAGMENTS, max_size=20).map("".join)))
+def test_arbitrary_text_loads_or_raises_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fuzz.toml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        assert err.file == str(path)
+        assert str(err).startswith(f"{path}: ")
+    else:
+        assert isinstance(config, NodeConfig)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["node.name", "mesh.peers", "mqtt.max_inflight", "mesh.cert", "log.level", "bogus"]
+        ),
+        st.one_of(
+            st.none(),
+            st.text(max_size=10),
+            st.integers(),
+            st.lists(st.text(max_size=5), max_size=3),
+        ),
+    )
+)
+def test_arbitrary_overrides_load_or_raise_config_error(overrides: dict) -> None:
+    try:
+        load_config(None, overrides)
+    except ConfigError as err:
+        assert err.file == "<command line>"

@@ -1,0 +1,316 @@
+"""The `zmesh` command. Flags follow mosquitto_pub/mosquitto_sub: `-h` is the host, help is
+`--help`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from zmesh import __version__
+
+CONTEXT = {"help_option_names": ["--help"]}
+# Typer's pretty tracebacks print local variables, which may hold key material: never.
+app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
+                  help="zmesh: a brokerless MQTT mesh over CURVE-secured ZeroMQ.")
+node_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="Run a node.")
+certs_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="CURVE certificates.")
+app.add_typer(node_app, name="node")
+app.add_typer(certs_app, name="certs")
+
+EXIT_TIMEOUT = 27  # what mosquitto_sub -W returns
+
+Host = Annotated[str, typer.Option("-h", "--host", help="Node (MQTT) host to talk to.")]
+Port = Annotated[int, typer.Option("-p", "--port", help="MQTT port.")]
+ClientId = Annotated[str, typer.Option("-i", "--id", help="Client id (default: generated).")]
+User = Annotated[str | None, typer.Option("-u", "--username")]
+Password = Annotated[str | None, typer.Option("-P", "--pw")]
+Version = Annotated[str, typer.Option("-V", "--protocol-version", help="mqttv311 or mqttv5.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _level(version: str) -> int:
+    from zmesh.mqtt import codec
+
+    levels = {"mqttv311": codec.MQTT_311, "311": codec.MQTT_311, "mqttv5": codec.MQTT_5, "5": codec.MQTT_5}
+    if version not in levels:
+        raise fail(f"unknown protocol version {version!r} (mqttv311 or mqttv5)")
+    return levels[version]
+
+
+@app.command()
+def version() -> None:
+    """Print the zmesh version."""
+    typer.echo(__version__)
+
+
+# ---------------------------------------------------------------------------- node
+
+
+@node_app.command("run")
+def node_run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="This node's NAME.key_secret.")] = None,
+    trusted: Annotated[Path | None, typer.Option("--trusted", help="Directory of trusted *.key files.")] = None,
+    mqtt: Annotated[str | None, typer.Option("--mqtt", help="MQTT listen HOST:PORT ('' disables).")] = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="Mesh control HOST:PORT.")] = None,
+    peer: Annotated[list[str] | None, typer.Option("--peer", help="Seed peer HOST:PORT (repeatable).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+    ready_file: Annotated[str | None, typer.Option("--ready-file", hidden=True)] = None,
+) -> None:
+    """Run a node until SIGINT/SIGTERM; flags override the config file."""
+    from zmesh import daemon
+    from zmesh.certs import CertError
+    from zmesh.config import ConfigError, load_config
+
+    overrides: dict[str, Any] = {}
+    for key, value in (
+        ("node.name", name), ("mesh.cert", cert), ("mesh.trusted", trusted), ("mqtt.listen", mqtt),
+        ("mesh.listen", listen), ("node.data_dir", data_dir), ("log.level", log_level),
+    ):
+        if value is not None:
+            overrides[key] = str(value)
+    if peer:
+        overrides["mesh.peers"] = list(peer)
+    try:
+        node_config = load_config(config, overrides)
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    daemon.setup_logging(node_config.log.level)
+    import zmq
+
+    try:
+        asyncio.run(daemon.run(node_config, ready_file))
+    except (CertError, ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    except zmq.ZMQError as exc:
+        raise fail(f"mesh socket: {exc} (is {node_config.mesh.listen} free?)") from None
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------------------- certs
+
+
+@certs_app.command("create")
+def certs_create(
+    name: str,
+    directory: Annotated[Path, typer.Option("--dir", "-d")] = Path("certs"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing certificate.")] = False,
+) -> None:
+    """Create NAME.key (public) and NAME.key_secret (0600) for a node or client."""
+    from zmesh.certs import CertError, create_certificate
+
+    try:
+        public, secret = create_certificate(directory, name, force=force)
+    except CertError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"created {public} and {secret} (secret: mode 0600; share only the .key file)")
+
+
+@certs_app.command("list")
+def certs_list(directory: Annotated[Path, typer.Option("--dir", "-d")] = Path("certs")) -> None:
+    """List certificates: name, public key, whether the secret is here."""
+    from zmesh.certs import list_certificates
+
+    for cert_name, key, has_secret in list_certificates(directory):
+        typer.echo(f"{cert_name:20} {key.decode()}  {'secret' if has_secret else 'public only'}")
+
+
+# ---------------------------------------------------------------------------- pub / sub
+
+
+@app.command()
+def pub(
+    topic: Annotated[str, typer.Option("-t", "--topic")],
+    message: Annotated[str | None, typer.Option("-m", "--message")] = None,
+    file: Annotated[Path | None, typer.Option("-f", "--file", help="Send a file as the message.")] = None,
+    stdin_message: Annotated[bool, typer.Option("-s", "--stdin-file", help="Read the message from stdin.")] = False,
+    null_message: Annotated[bool, typer.Option("-n", "--null-message", help="Send an empty message.")] = False,
+    qos: Annotated[int, typer.Option("-q", "--qos", min=0, max=2)] = 0,
+    retain: Annotated[bool, typer.Option("-r", "--retain")] = False,
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    client_id: ClientId = "",
+    username: User = None,
+    password: Password = None,
+    protocol_version: Version = "mqttv311",
+) -> None:
+    """Publish one message, like mosquitto_pub."""
+    if sum(x is not None and x is not False for x in (message, file, stdin_message or None, null_message or None)) != 1:
+        raise fail("give exactly one of -m, -f, -s, -n")
+    if file is not None:
+        payload = file.read_bytes()
+    elif stdin_message:
+        payload = sys.stdin.buffer.read()
+    else:
+        payload = (message or "").encode()
+
+    async def go() -> None:
+        from zmesh.mqtt.client import Client
+
+        client = Client(client_id, _level(protocol_version))
+        await client.connect(host, port, username, password)
+        try:
+            await client.publish(topic, payload, qos, retain)
+        finally:
+            await client.disconnect()
+
+    _run_client(go())
+
+
+@app.command()
+def sub(
+    topic: Annotated[list[str], typer.Option("-t", "--topic", help="Filter (repeatable).")],
+    qos: Annotated[int, typer.Option("-q", "--qos", min=0, max=2)] = 0,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print 'topic payload'.")] = False,
+    count: Annotated[int, typer.Option("-C", help="Exit after this many messages.")] = 0,
+    timeout: Annotated[float, typer.Option("-W", help="Exit (code 27) after this many seconds.")] = 0,
+    retained_only: Annotated[bool, typer.Option("--retained-only", help="Only print retained messages.")] = False,
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    client_id: ClientId = "",
+    username: User = None,
+    password: Password = None,
+    protocol_version: Version = "mqttv311",
+) -> None:
+    """Subscribe and print messages, like mosquitto_sub."""
+
+    async def go() -> None:
+        from zmesh.mqtt.client import Client
+
+        client = Client(client_id, _level(protocol_version))
+        await client.connect(host, port, username, password)
+        try:
+            codes = await client.subscribe([(t, qos) for t in topic])
+            for filt, code in zip(topic, codes, strict=True):
+                if code >= 0x80:
+                    typer.echo(f"Error: subscription to {filt} refused (code {code:#x})", err=True)
+            seen = 0
+            out = sys.stdout.buffer
+            async for msg in client.messages():
+                if retained_only and not msg.retain:
+                    break
+                out.write(msg.topic.encode() + b" " + msg.payload + b"\n" if verbose else msg.payload + b"\n")
+                out.flush()
+                seen += 1
+                if count and seen >= count:
+                    break
+        finally:
+            await client.disconnect()
+
+    _run_client(go(), timeout)
+
+
+def _run_client(coro: Any, timeout: float = 0) -> None:
+    from zmesh.mqtt.client import ClientError
+
+    async def bounded() -> None:
+        if timeout:
+            await asyncio.wait_for(coro, timeout)
+        else:
+            await coro
+
+    try:
+        asyncio.run(bounded())
+    except TimeoutError:
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    except (ClientError, OSError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------------------- introspection
+
+
+def _fetch_sys(topic: str, host: str, port: int, username: str | None, password: str | None) -> Any:
+    async def go() -> Any:
+        from zmesh.mqtt.client import Client
+
+        client = Client()
+        await client.connect(host, port, username, password)
+        try:
+            await client.subscribe([(topic, 0)])
+            async for msg in client.messages():
+                return json.loads(msg.payload)
+        finally:
+            await client.disconnect()
+
+    result: list[Any] = []
+
+    async def keep() -> None:
+        result.append(await go())
+
+    _run_client(keep(), 10)
+    return result[0]
+
+
+@app.command()
+def peers(
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    username: User = None,
+    password: Password = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ask a running node which peers it sees, and in what state."""
+    found = _fetch_sys("$SYS/zmesh/peers", host, port, username, password)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    typer.echo(f"{'NAME':16} {'STATE':11} {'ADDRESS':22} {'FOR':>8} {'SEEN':>7}  KEY")
+    for p in found:
+        seen = "-" if p["last_seen_s"] is None else f"{p['last_seen_s']}s"
+        typer.echo(f"{p['name'] or '?':16} {p['state']:11} {p['address']:22} {p['for_s']:>7}s {seen:>7}  {p['key']}")
+
+
+@app.command("topics")
+def topics_cmd(
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    username: User = None,
+    password: Password = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print the retained topic tree of a running node."""
+    found = _fetch_sys("$SYS/zmesh/topics", host, port, username, password)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    from zmesh.topictree import render_tree
+
+    typer.echo(render_tree(found))
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: until Ctrl-C).")] = 0,
+) -> None:
+    """Start a local mesh of three nodes and show messages flowing between them."""
+    from zmesh.demo import run_demo
+
+    try:
+        code = asyncio.run(run_demo(duration))
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The mesh side of a node: its ZeroMQ sockets, the hello exchange, liveness, event I/O.
+
+Sockets (every bound one a CURVE server behind the ZAP key ring):
+
+* ROUTER, bound at ``mesh.listen``: the control socket, the one address a peer must know.
+  Hellos arrive here; the sender's identity is its ZAP-authenticated key (``User-Id``).
+* one DEALER per peer, connected to that peer's ROUTER: we send our hellos (which double as
+  heartbeats) and get welcomes back.
+* PUB, bound on an ephemeral port: our events, batched per topic (see ``wire``).
+* one SUB per peer, connected to that peer's PUB once its hello told us the port. One socket
+  per peer means every frame's sender is known from the socket it arrived on.
+* PULL, bound on an ephemeral port, for the job queues built on top.
+
+A seed given only as ``host:port`` has an unknown key, and a CURVE client must know the
+server's key before it can connect. We dial the address once per trusted key at the same
+time; only the DEALER holding the right key completes the handshake and gets a welcome, the
+others are closed. What the seed says about itself is believed only after that handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zmesh import wire
+from zmesh.membership import EventKind, Membership, Peer, PeerEvent, PeerState
+from zmesh.transport import Transport
+
+log = logging.getLogger("zmesh.mesh")
+
+# Batching bounds: a frame is flushed when the event loop goes idle (call_soon), or at once
+# when this many messages or bytes are pending, so a publisher that never yields still sends.
+FLUSH_COUNT = 1024
+FLUSH_BYTES = 256 * 1024
+# How often the liveness loop runs, and how fast an unanswered peer is re-hailed.
+TICK = 0.05
+RETRY_HELLO = 0.2
+MAX_FRAMES_PER_WAKEUP = 256
+
+EventHandler = Callable[[Peer, str, list[wire.Item]], None]
+PeerHandler = Callable[[PeerEvent], None]
+
+
+class _Link:
+    """Our sockets towards one peer."""
+
+    __slots__ = ("peer", "dealer", "sub", "tasks", "last_hello")
+
+    def __init__(self, peer: Peer, dealer: zmq.asyncio.Socket) -> None:
+        self.peer = peer
+        self.dealer = dealer
+        self.sub: zmq.asyncio.Socket | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.last_hello = 0.0
+
+
+class Mesh:
+    def __init__(
+        self,
+        name: str,
+        transport: Transport,
+        listen: str,
+        heartbeat_interval: float,
+        peer_expiry: float,
+        advertise_host: str | None,
+        on_event: EventHandler,
+        on_peer: PeerHandler,
+    ) -> None:
+        self.name = name
+        self.transport = transport
+        self.listen = listen
+        self.heartbeat_interval = heartbeat_interval
+        self.advertise_host = advertise_host
+        self.on_event = on_event
+        self.on_peer = on_peer
+        self.own_key = transport.identity.public.decode()
+        self.membership = Membership(expiry=peer_expiry)
+        self.incarnation = random.getrandbits(62) ^ time.time_ns()
+        self.links: dict[str, _Link] = {}
+        self.probes: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.prefixes: set[bytes] = set()
+        self.control_port = self.pub_port = self.pull_port = 0
+        self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "refused_hellos": 0}
+        self._pending: dict[bytes, list[Any]] = {}
+        self._pending_count = 0
+        self._pending_bytes = 0
+        self._flush_scheduled = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        host = self.listen.rpartition(":")[0] or "0.0.0.0"
+        self.router, self.control_port = self.transport.server(zmq.ROUTER, self.listen)
+        self._bind_pub(host)
+        self.pull, self.pull_port = self.transport.server(zmq.PULL, f"{host}:0")
+        self._tasks = [
+            asyncio.create_task(self._read_control(), name="mesh-control"),
+            asyncio.create_task(self._liveness(), name="mesh-liveness"),
+        ]
+        log.info(
+            "mesh listening: control %s:%d, events %d, jobs %d",
+            host,
+            self.control_port,
+            self.pub_port,
+            self.pull_port,
+        )
+
+    def _bind_pub(self, host: str) -> None:
+        self.pub, self.pub_port = self.transport.server(zmq.PUB, f"{host}:0")
+        # PUB never blocks (it drops at the high-water mark), so the hot path sends on a
+        # plain synchronous view of the socket and skips a Future per frame.
+        self._pub_send = zmq.Socket.shadow(self.pub.underlying).send
+
+    async def stop(self) -> None:
+        self.flush()
+        tasks = list(self._tasks) + list(self.probes.values())
+        for link in self.links.values():
+            tasks.extend(link.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for link in self.links.values():
+            self._close_link_sockets(link)
+        for sock in (self.router, self.pub, self.pull):
+            sock.close(linger=0)
+
+    # ------------------------------------------------------------------ peers
+
+    def add_seed(self, host: str, port: int) -> None:
+        """Dial ``host:port``, whose key we learn by which trusted key completes the handshake."""
+        if (host, port) in self.probes:
+            return
+        self.probes[(host, port)] = asyncio.create_task(
+            self._probe(host, port), name=f"probe-{host}:{port}"
+        )
+
+    def peers(self) -> list[Peer]:
+        return sorted(self.membership.peers.values(), key=lambda p: (p.name, p.key))
+
+    def _hello(self) -> wire.Hello:
+        known = tuple(
+            (p.key, p.host, p.control_port) for p in self.membership.up() if p.key in self.links
+        )
+        return wire.Hello(
+            name=self.name,
+            version=wire.WIRE_VERSION,
+            incarnation=self.incarnation,
+            control_port=self.control_port,
+            pub_port=self.pub_port,
+            pull_port=self.pull_port,
+            host=self.advertise_host,
+            peers=known,
+        )
+
+    async def _probe(self, host: str, port: int) -> None:
+        """Try every trusted key against a seed until one answers; then it becomes a link."""
+        endpoint = f"tcp://{_bracket(host)}:{port}"
+        candidates: dict[zmq.asyncio.Socket, str] = {}
+        address = await _resolve(host)
+        try:
+            while True:
+                if any((p.host, p.control_port) == (address, port) for p in self.membership.peers.values()):
+                    return  # it said hello to us first and is linked already
+                wanted = {k.decode() for k in self.transport.ring.keys()} - {self.own_key}
+                wanted -= set(self.links)  # a key already linked is not this seed's, or is done
+                for sock, key in list(candidates.items()):
+                    if key not in wanted:
+                        sock.close(linger=0)
+                        del candidates[sock]
+                for key in wanted - set(candidates.values()):
+                    sock = self.transport.client(zmq.DEALER, key.encode())
+                    sock.connect(endpoint)
+                    candidates[sock] = key
+                hello = wire.encode_control(wire.HELLO, self._hello())
+                for sock in candidates:
+                    _try_send(sock, hello)
+                poller = zmq.asyncio.Poller()
+                for sock in candidates:
+                    poller.register(sock, zmq.POLLIN)
+                for ready, _ in await poller.poll(timeout=int(RETRY_HELLO * 1000)):
+                    sock: zmq.asyncio.Socket = ready  # type: ignore[assignment]
+                    data = await sock.recv()
+                    key = candidates[sock]
+                    message = self._decode_or_warn(data, key)
+                    if message is None:
+                        continue
+                    if message.kind == wire.REFUSED:
+                        self._log_refusal(f"{host}:{port}", message.reason)
+                        continue
+                    if message.kind != wire.WELCOME or message.hello is None:
+                        continue
+                    del candidates[sock]
+                    if key not in self.links:
+                        peer = self.membership.ensure(key, address, port, time.monotonic(), seed=True)
+                        self._add_link(peer, sock)
+                        self._observe(key, message.hello)
+                    else:
+                        sock.close(linger=0)
+                    log.debug("seed %s:%d is %s", host, port, message.hello.name)
+                    return
+        finally:
+            for sock in candidates:
+                sock.close(linger=0)
+            self.probes.pop((host, port), None)
+
+    def _link_to(self, key: str, host: str, control_port: int) -> _Link:
+        link = self.links.get(key)
+        if link is None:
+            peer = self.membership.ensure(key, host, control_port, time.monotonic())
+            dealer = self.transport.client(zmq.DEALER, key.encode())
+            dealer.connect(f"tcp://{_bracket(host)}:{control_port}")
+            link = self._add_link(peer, dealer)
+        return link
+
+    def _add_link(self, peer: Peer, dealer: zmq.asyncio.Socket) -> _Link:
+        link = _Link(peer, dealer)
+        self.links[peer.key] = link
+        link.tasks.append(asyncio.create_task(self._read_dealer(link), name=f"dealer-{peer.key[:8]}"))
+        return link
+
+    def _observe(self, key: str, hello: wire.Hello) -> None:
+        for event in self.membership.observe(key, hello, time.monotonic()):
+            self._apply(event)
+        for peer_key, host, port in hello.peers:
+            if peer_key != self.own_key and peer_key not in self.links:
+                if peer_key.encode() in self.transport.ring:
+                    self._link_to(peer_key, host, port)
+
+    def _apply(self, event: PeerEvent) -> None:
+        link = self.links.get(event.peer.key)
+        if link is None:
+            return
+        peer = event.peer
+        if event.kind in (EventKind.UP, EventKind.RESTARTED):
+            self._connect_sub(link)
+            log.info(
+                "peer %s %s (%s)",
+                peer.label,
+                "up" if event.kind is EventKind.UP else "restarted, re-dialled",
+                peer.endpoint(peer.control_port),
+            )
+        else:
+            self._close_sub(link)
+            log.warning("peer %s down: nothing heard for %.1f s", peer.label, self.membership.expiry)
+        self.on_peer(event)
+
+    def _connect_sub(self, link: _Link) -> None:
+        self._close_sub(link)
+        peer = link.peer
+        assert peer.hello is not None
+        sub = self.transport.client(zmq.SUB, peer.key.encode())
+        for prefix in self.prefixes:
+            sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        sub.connect(peer.endpoint(peer.hello.pub_port))
+        link.sub = sub
+        link.tasks.append(asyncio.create_task(self._read_events(link, sub), name=f"sub-{peer.label}"))
+
+    def _close_sub(self, link: _Link) -> None:
+        if link.sub is not None:
+            link.sub.close(linger=0)
+            link.sub = None
+
+    def _close_link_sockets(self, link: _Link) -> None:
+        self._close_sub(link)
+        link.dealer.close(linger=0)
+
+    def drop_peer(self, key: str) -> None:
+        """Cut a peer off entirely (its key is no longer trusted)."""
+        link = self.links.pop(key, None)
+        peer = self.membership.forget(key)
+        if link is not None:
+            for task in link.tasks:
+                task.cancel()
+            self._close_link_sockets(link)
+        if peer is not None and peer.state is PeerState.UP:
+            peer.state = PeerState.DOWN
+            self.on_peer(PeerEvent(EventKind.DOWN, peer))
+
+    def rotate_event_socket(self) -> None:
+        """Rebind PUB on a fresh port, dropping every connection to it.
+
+        ZAP judges a key only at the handshake, so a subscriber whose key was just revoked
+        would keep receiving on its established connection. Rebinding ends all of them;
+        trusted peers see the new port in our next hello and reconnect, the revoked one is
+        refused by ZAP."""
+        self.flush()
+        old = self.pub
+        host = self.listen.rpartition(":")[0] or "0.0.0.0"
+        self._bind_pub(host)
+        old.close(linger=0)
+        self.incarnation += 1
+        for link in self.links.values():
+            link.last_hello = 0.0  # tell everyone now
+
+    # ------------------------------------------------------------------ control I/O
+
+    async def _read_control(self) -> None:
+        while True:
+            ident, frame = await self.router.recv_multipart(copy=False)
+            key = frame.get("User-Id")
+            if key.encode() not in self.transport.ring:  # revoked since it connected
+                continue
+            message = self._decode_or_warn(frame.bytes, key)
+            if message is None or message.kind != wire.HELLO:
+                continue
+            if message.version != wire.WIRE_VERSION:
+                self.stats["refused_hellos"] += 1
+                reason = (
+                    f"protocol version {message.version} not supported by {self.name}, "
+                    f"which speaks {wire.WIRE_VERSION}"
+                )
+                self._log_refusal(key, reason)
+                reply = wire.encode_control(wire.REFUSED, reason=reason)
+            else:
+                assert message.hello is not None
+                host = message.hello.host or _strip_port(frame.get("Peer-Address"))
+                link = self._link_to(key, host, message.hello.control_port)
+                link.peer.host = link.peer.host or host
+                self._observe(key, message.hello)
+                reply = wire.encode_control(wire.WELCOME, self._hello())
+            try:
+                await self.router.send_multipart([ident.bytes, reply], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the peer went away between hello and welcome; it will hail again
+
+    async def _read_dealer(self, link: _Link) -> None:
+        while True:
+            data = await link.dealer.recv()
+            message = self._decode_or_warn(data, link.peer.key)
+            if message is None:
+                continue
+            if message.kind == wire.REFUSED:
+                self._log_refusal(link.peer.label, message.reason)
+            elif message.kind == wire.WELCOME and message.hello is not None:
+                self._observe(link.peer.key, message.hello)
+
+    def _decode_or_warn(self, data: bytes, source: str) -> wire.ControlMessage | None:
+        try:
+            return wire.decode_control(data)
+        except wire.WireError as exc:
+            self.stats["bad_frames"] += 1
+            self._warn_once(f"bad:{source}", "bad control message from %s: %s", source, exc)
+            return None
+
+    def _log_refusal(self, who: str, reason: str) -> None:
+        self._warn_once(f"refused:{who}", "hello with %s refused: %s", who, reason, level=logging.ERROR)
+
+    def _warn_once(self, tag: str, fmt: str, *args: Any, level: int = logging.WARNING) -> None:
+        # A misbehaving peer repeats itself every heartbeat: say it once, count the rest.
+        if tag not in self._warned:
+            self._warned.add(tag)
+            log.log(level, fmt, *args)
+
+    async def _liveness(self) -> None:
+        while True:
+            now = time.monotonic()
+            hello = None
+            for link in list(self.links.values()):
+                due = RETRY_HELLO if link.peer.state is not PeerState.UP else self.heartbeat_interval
+                if now - link.last_hello >= due:
+                    hello = hello or wire.encode_control(wire.HELLO, self._hello())
+                    if _try_send(link.dealer, hello):
+                        link.last_hello = now
+            for event in self.membership.expire(now):
+                self._apply(event)
+            await asyncio.sleep(TICK)
+
+    # ------------------------------------------------------------------ events out
+
+    def set_prefixes(self, prefixes: set[bytes]) -> None:
+        """Make every SUB socket subscribe to exactly ``prefixes``."""
+        added, removed = prefixes - self.prefixes, self.prefixes - prefixes
+        self.prefixes = set(prefixes)
+        for link in self.links.values():
+            if link.sub is None:
+                continue
+            for prefix in added:
+                link.sub.setsockopt(zmq.SUBSCRIBE, prefix)
+            for prefix in removed:
+                link.sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+
+    def publish(self, topic: bytes, item: bytes | list[Any], size: int) -> None:
+        """Queue one message for every peer; sent when the loop goes idle or a bound is hit."""
+        bucket = self._pending.get(topic)
+        if bucket is None:
+            self._pending[topic] = [item]
+        else:
+            bucket.append(item)
+        self._pending_count += 1
+        self._pending_bytes += size
+        if self._pending_count >= FLUSH_COUNT or self._pending_bytes >= FLUSH_BYTES:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        self._pending_count = self._pending_bytes = 0
+        send, encode = self._pub_send, wire.encode_event_frame
+        for topic, items in pending.items():
+            send(encode(topic, items), zmq.NOBLOCK)
+        self.stats["frames_out"] += len(pending)
+
+    # ------------------------------------------------------------------ events in
+
+    async def _read_events(self, link: _Link, sub: zmq.asyncio.Socket) -> None:
+        peer, on_event, decode = link.peer, self.on_event, wire.decode_event_frame
+        recv_now = zmq.Socket.shadow(sub.underlying).recv
+        while True:
+            frame = await sub.recv()
+            frames = 1
+            while True:
+                try:
+                    topic, items = decode(frame)
+                except wire.WireError as exc:
+                    self.stats["bad_frames"] += 1
+                    self._warn_once(f"frame:{peer.key}", "bad event frame from %s: %s", peer.label, exc)
+                else:
+                    on_event(peer, topic, items)
+                if frames >= MAX_FRAMES_PER_WAKEUP:
+                    break
+                try:
+                    frame = recv_now(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                frames += 1
+            self.stats["frames_in"] += frames
+            if frames >= MAX_FRAMES_PER_WAKEUP:
+                await asyncio.sleep(0)  # let MQTT clients and timers run between bursts
+
+
+def _try_send(sock: zmq.asyncio.Socket, data: bytes) -> bool:
+    try:
+        zmq.Socket.shadow(sock.underlying).send(data, zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False  # handshake not done (IMMEDIATE) or peer gone: the next tick retries
+
+
+async def _resolve(host: str) -> str:
+    """The IP a seed name stands for, so a seed and a hello from it are recognised as one."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return host
+    return str(infos[0][4][0]) if infos else host
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _strip_port(address: str) -> str:
+    # ZeroMQ's Peer-Address is the bare IP of the remote end; with IPv6 enabled an IPv4
+    # peer shows as ::ffff:a.b.c.d, which we print and dial as plain IPv4.
+    address = address.strip("[]") if address else "127.0.0.1"
+    return address[7:] if address.startswith("::ffff:") and "." in address else address
+
+

@@ -1,0 +1,446 @@
+"""The node: wires the mesh, the local router, the retained cache and the MQTT listener.
+
+``Node`` is both the daemon behind ``zmesh node run`` and the embedding API::
+
+    async with Node(name="a", cert="certs/a.key_secret", peers=["127.0.0.1:7102"]) as node:
+        await node.publish("alerts/disk", b"95%")
+        async for msg in node.subscribe("alerts/#"):
+            print(msg.topic, msg.payload, msg.origin)
+
+One message, published here: validated, stored if retained, delivered to local subscribers,
+and queued once on the PUB socket (batched per topic). One message from a peer: re-checked
+against the exact filters, stored if retained, delivered to local subscribers, and never
+sent on to the mesh again (every node hears every other directly), so nothing loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from zmesh import topics, wire
+from zmesh.certs import KeyRing, load_secret_certificate
+from zmesh.config import NodeConfig, load_config, parse_hostport
+from zmesh.membership import Peer, PeerEvent
+from zmesh.mesh import Mesh
+from zmesh.retained import RetainedCache, RetainedEntry
+from zmesh.routing import LocalRouter, Subscriber
+from zmesh.transport import Identity, Transport
+
+log = logging.getLogger("zmesh.node")
+
+SYS_PREFIX = "$SYS/"  # node-local topics: never sent to, nor accepted from, the mesh
+SYS_PEERS = "$SYS/zmesh/peers"
+SYS_TOPICS = "$SYS/zmesh/topics"
+SYS_NODE = "$SYS/zmesh/node"
+TOPIC_CACHE_LIMIT = 100_000
+# A publisher awaiting publish() in a tight loop never suspends; yielding this often keeps
+# the node's own tasks (heartbeats, readers, MQTT clients) running beside it.
+YIELD_EVERY = 256
+
+
+class Message(NamedTuple):
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    origin: str  # name of the node it was published on
+    properties: dict[str, Any] | None = None
+
+
+class Subscription:
+    """A live subscription of the Python API: an async iterator of ``Message``.
+
+    Messages wait in a bounded buffer; when the consumer falls ``maxsize`` behind, new
+    messages are dropped and counted in ``dropped`` (as Mosquitto does for a full queue),
+    so a stalled consumer cannot exhaust the node's memory.
+    """
+
+    def __init__(self, node: Node, filt: str, qos: int, maxsize: int) -> None:
+        self.node, self.filter, self.qos, self.maxsize = node, filt, qos, maxsize
+        self.dropped = 0
+        self._buffer: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def deliver(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        origin: str,
+        properties: dict[str, Any] | None,
+    ) -> None:
+        if len(self._buffer) >= self.maxsize:
+            self.dropped += 1
+            return
+        self._buffer.append(Message(topic, payload, qos, retain, origin, properties))
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        while not self._buffer:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._buffer.popleft()
+
+    async def get(self, timeout: float | None = None) -> Message:
+        """The next message, waiting at most ``timeout`` seconds (TimeoutError)."""
+        return await asyncio.wait_for(self.__anext__(), timeout)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.node._unsubscribe_all(self)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Node:
+    """One zmesh node. Use as ``async with Node(...) as node``."""
+
+    def __init__(
+        self,
+        config: NodeConfig | None = None,
+        *,
+        config_file: str | Path | None = None,
+        name: str | None = None,
+        cert: str | Path | None = None,
+        trusted: str | Path | None = None,
+        listen: str | None = None,
+        peers: list[str] | tuple[str, ...] | None = None,
+        mqtt: str | None | bool = True,
+        data_dir: str | Path | None = None,
+    ) -> None:
+        if config is None:
+            overrides: dict[str, Any] = {}
+            for key, value in (
+                ("node.name", name),
+                ("mesh.cert", cert),
+                ("mesh.trusted", trusted),
+                ("mesh.listen", listen),
+                ("node.data_dir", data_dir),
+            ):
+                if value is not None:
+                    overrides[key] = str(value)
+            if peers is not None:
+                overrides["mesh.peers"] = list(peers)
+            if mqtt is not True:
+                overrides["mqtt.listen"] = mqtt or ""
+            config = load_config(Path(config_file) if config_file else None, overrides)
+        self.config = config
+        self.name = config.name
+        self.router = LocalRouter()
+        self.retained = RetainedCache()
+        self.started_at = 0.0
+        self.stats = {"published": 0, "delivered_from_mesh": 0, "bad_topics": 0}
+        self._topic_bytes: dict[str, bytes] = {}
+        self._publish_calls = 0
+        self._sys_subscribers: set[Subscriber] = set()
+        self.transport: Transport | None = None
+        self.mesh: Mesh | None = None
+        self.mqtt_server: Any = None
+        self._closed = asyncio.Event()
+        self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        mesh_config = self.config.mesh
+        if mesh_config.cert is None:
+            raise ValueError(
+                f"{self.config.source}: mesh.cert: a node needs its secret certificate "
+                "(make one with: zmesh certs create NAME)"
+            )
+        public, secret = load_secret_certificate(mesh_config.cert)
+        trusted_dir = mesh_config.trusted or mesh_config.cert.parent
+        ring = KeyRing.from_directory(trusted_dir)
+        self.transport = Transport(Identity(public, secret), ring)
+        self.mesh = Mesh(
+            name=self.name,
+            transport=self.transport,
+            listen=mesh_config.listen,
+            heartbeat_interval=mesh_config.heartbeat_interval,
+            peer_expiry=mesh_config.peer_expiry,
+            advertise_host=mesh_config.advertise_host,
+            on_event=self._on_mesh_event,
+            on_peer=self._on_peer,
+        )
+        try:
+            await self.mesh.start()
+            for seed in mesh_config.peers:
+                host, port = parse_hostport(seed)
+                self.mesh.add_seed(host, port)
+            if self.config.mqtt.listen:
+                from zmesh.mqtt.server import MQTTServer
+
+                self.mqtt_server = MQTTServer(self, self.config.mqtt)
+                await self.mqtt_server.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.started_at = time.time()
+        log.info(
+            "node %s up: key %s, %d trusted keys, mqtt %s",
+            self.name,
+            public.decode(),
+            len(ring),
+            "%s:%d" % self.mqtt_address if self.mqtt_address else "off",
+        )
+
+    async def stop(self) -> None:
+        if self.mqtt_server is not None:
+            await self.mqtt_server.stop()
+            self.mqtt_server = None
+        if self.mesh is not None:
+            await self.mesh.stop()
+            self.mesh = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        self._closed.set()
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def mqtt_address(self) -> tuple[str, int] | None:
+        return self.mqtt_server.address if self.mqtt_server is not None else None
+
+    @property
+    def control_port(self) -> int:
+        assert self.mesh is not None
+        return self.mesh.control_port
+
+    def reload_trust(self) -> tuple[set[str], set[str]]:
+        """Re-read the trusted-key directory; peers whose keys were removed are cut off."""
+        assert self.transport is not None and self.mesh is not None
+        ring = self.transport.ring
+        before = set(ring.keys())
+        added, removed = ring.reload()  # validates everything first; raises and keeps the old ring
+        revoked = before - set(ring.keys())
+        for key in revoked:
+            self.mesh.drop_peer(key.decode())
+        if revoked:
+            self.mesh.rotate_event_socket()
+        log.info("trusted keys reloaded: +%s -%s", sorted(added) or "none", sorted(removed) or "none")
+        return added, removed
+
+    # ------------------------------------------------------------------ publishing
+
+    def _topic(self, topic: str) -> bytes:
+        encoded = self._topic_bytes.get(topic)
+        if encoded is None:
+            topics.validate_topic_name(topic)
+            encoded = topic.encode()
+            if len(self._topic_bytes) >= TOPIC_CACHE_LIMIT:
+                self._topic_bytes.clear()
+            self._topic_bytes[topic] = encoded
+        return encoded
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 0,
+        retain: bool = False,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish from this node: local subscribers now, peers on the next flush.
+
+        Raises ``topics.TopicError`` for an invalid topic name."""
+        encoded = self._topic(topic)
+        if type(payload) is not bytes:
+            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+        timestamp = 0
+        if retain:
+            timestamp = time.time_ns()
+            self._retain(topic, payload, qos, self.name, timestamp, properties)
+        name = self.name
+        for subscriber, granted in self.router.targets(topic):
+            subscriber.deliver(topic, payload, qos if qos < granted else granted, False, name, properties)
+        if topic.startswith(SYS_PREFIX):
+            return
+        self.stats["published"] += 1
+        mesh = self.mesh
+        if mesh is not None:
+            mesh.publish(encoded, wire.encode_item(payload, qos, retain, timestamp, properties), len(payload))
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 0,
+        retain: bool = False,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish a message to the mesh (and this node's own subscribers)."""
+        self.publish_nowait(topic, payload, qos, retain, properties)
+        self._publish_calls += 1
+        if self._publish_calls >= YIELD_EVERY:
+            self._publish_calls = 0
+            await asyncio.sleep(0)
+
+    def _retain(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        origin: str,
+        timestamp: int,
+        properties: dict[str, Any] | None,
+    ) -> None:
+        self.retained.merge(RetainedEntry(topic, payload, qos, origin, timestamp, properties))
+
+    # ------------------------------------------------------------------ from the mesh
+
+    def _on_mesh_event(self, peer: Peer, topic: str, items: list[wire.Item]) -> None:
+        if topic not in self._topic_bytes:
+            try:
+                self._topic(topic)
+            except topics.TopicError:
+                self.stats["bad_topics"] += 1
+                return
+        if topic.startswith(SYS_PREFIX):
+            return
+        targets = self.router.targets(topic)
+        origin = peer.name
+        for payload, qos, retain, timestamp, properties in items:
+            if retain:
+                self._retain(topic, payload, qos, origin, timestamp, properties)
+            for subscriber, granted in targets:
+                subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
+        self.stats["delivered_from_mesh"] += len(items)
+
+    def _on_peer(self, event: PeerEvent) -> None:
+        self._refresh_sys(SYS_PEERS)
+        changed, self._peer_change = self._peer_change, asyncio.Event()
+        changed.set()
+
+    # ------------------------------------------------------------------ subscribing
+
+    def subscribe(self, filt: str, qos: int = 0, maxsize: int = 65_536) -> Subscription:
+        """Subscribe to an MQTT filter; retained messages that match arrive first."""
+        subscription = Subscription(self, filt, qos, maxsize)
+        self.add_subscription(subscription, filt, qos)
+        return subscription
+
+    def add_subscription(self, subscriber: Subscriber, filt: str, qos: int) -> None:
+        """Register ``subscriber`` for ``filt`` and replay matching retained messages to it.
+
+        Raises ``topics.TopicError`` for an invalid filter."""
+        topics.validate_topic_filter(filt)
+        self.router.subscribe(subscriber, filt, qos)
+        self._update_mesh_subscriptions()
+        group, inner = topics.parse_shared(filt)
+        if group is not None:
+            return  # MQTT 5: shared subscriptions get no retained messages
+        for entry in self.retained.match(inner):
+            subscriber.deliver(
+                entry.topic, entry.payload, min(entry.qos, qos), True, entry.origin, entry.properties
+            )
+        if inner.startswith(SYS_PREFIX) or inner.startswith("$SYS"):
+            self._sys_subscribers.add(subscriber)
+            for sys_topic in (SYS_NODE, SYS_PEERS, SYS_TOPICS):
+                if topics.matches(inner, sys_topic):
+                    subscriber.deliver(sys_topic, self._sys_value(sys_topic), 0, True, self.name, None)
+
+    def remove_subscription(self, subscriber: Subscriber, filt: str) -> bool:
+        removed = self.router.unsubscribe(subscriber, filt)
+        if removed:
+            self._update_mesh_subscriptions()
+        return removed
+
+    def _unsubscribe_all(self, subscriber: Subscriber) -> None:
+        if self.router.remove(subscriber):
+            self._update_mesh_subscriptions()
+        self._sys_subscribers.discard(subscriber)
+
+    remove_subscriber = _unsubscribe_all
+
+    def _update_mesh_subscriptions(self) -> None:
+        if self.mesh is not None:
+            self.mesh.set_prefixes(self.router.mesh_prefixes())
+
+    # ------------------------------------------------------------------ introspection
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The peers this node knows, with their state (what ``zmesh peers`` prints)."""
+        if self.mesh is None:
+            return []
+        now = time.monotonic()
+        return [
+            {
+                "name": p.name,
+                "key": p.key,
+                "state": p.state.value,
+                "address": f"{p.host}:{p.control_port}",
+                "for_s": round(now - p.since, 1),
+                "last_seen_s": round(now - p.last_seen, 1) if p.last_seen else None,
+            }
+            for p in self.mesh.peers()
+        ]
+
+    def retained_topics(self) -> list[dict[str, Any]]:
+        return [
+            {"topic": e.topic, "bytes": len(e.payload), "origin": e.origin}
+            for e in sorted(self.retained.live(), key=lambda e: e.topic)
+        ]
+
+    def _sys_value(self, sys_topic: str) -> bytes:
+        value: Any
+        if sys_topic == SYS_PEERS:
+            value = self.peers()
+        elif sys_topic == SYS_TOPICS:
+            value = self.retained_topics()
+        else:
+            value = {
+                "name": self.name,
+                "key": self.transport.identity.public.decode() if self.transport else None,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "control_port": self.mesh.control_port if self.mesh else None,
+                "stats": {**self.stats, **(self.mesh.stats if self.mesh else {})},
+            }
+        return json.dumps(value).encode()
+
+    def _refresh_sys(self, sys_topic: str) -> None:
+        """Push a changed ``$SYS`` value to the local subscribers that asked for it."""
+        if not self._sys_subscribers:
+            return
+        payload = self._sys_value(sys_topic)
+        for subscriber, granted in self.router.targets(sys_topic):
+            subscriber.deliver(sys_topic, payload, 0, False, self.name, None)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def wait_for_peers(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until at least ``count`` peers are up (TimeoutError after ``timeout``)."""
+        async with asyncio.timeout(timeout):
+            while self.mesh is None or len(self.mesh.membership.up()) < count:
+                await self._peer_change.wait()
+
