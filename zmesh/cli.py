@@ -122,9 +122,13 @@ def certs_create(
 @certs_app.command("list")
 def certs_list(directory: Annotated[Path, typer.Option("--dir", "-d")] = Path("certs")) -> None:
     """List certificates: name, public key, whether the secret is here."""
-    from zmesh.certs import list_certificates
+    from zmesh.certs import CertError, list_certificates
 
-    for cert_name, key, has_secret in list_certificates(directory):
+    try:
+        found = list_certificates(directory)
+    except CertError as exc:
+        raise fail(str(exc)) from None
+    for cert_name, key, has_secret in found:
         typer.echo(f"{cert_name:20} {key.decode()}  {'secret' if has_secret else 'public only'}")
 
 
