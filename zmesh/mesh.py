@@ -190,9 +190,9 @@ class Mesh:
                 for sock in candidates:
                     poller.register(sock, zmq.POLLIN)
                 for ready, _ in await poller.poll(timeout=int(RETRY_HELLO * 1000)):
-                    sock: zmq.asyncio.Socket = ready  # type: ignore[assignment]
-                    data = await sock.recv()
-                    key = candidates[sock]
+                    answered: zmq.asyncio.Socket = ready  # type: ignore[assignment]
+                    data = await answered.recv()
+                    key = candidates[answered]
                     message = self._decode_or_warn(data, key)
                     if message is None:
                         continue
@@ -201,13 +201,13 @@ class Mesh:
                         continue
                     if message.kind != wire.WELCOME or message.hello is None:
                         continue
-                    del candidates[sock]
+                    del candidates[answered]
                     if key not in self.links:
                         peer = self.membership.ensure(key, address, port, time.monotonic(), seed=True)
-                        self._add_link(peer, sock)
+                        self._add_link(peer, answered)
                         self._observe(key, message.hello)
                     else:
-                        sock.close(linger=0)
+                        answered.close(linger=0)
                     log.debug("seed %s:%d is %s", host, port, message.hello.name)
                     return
         finally:
@@ -309,7 +309,7 @@ class Mesh:
     async def _read_control(self) -> None:
         while True:
             ident, frame = await self.router.recv_multipart(copy=False)
-            key = frame.get("User-Id")
+            key = str(frame.get("User-Id"))  # the z85 key ZAP authenticated
             if key.encode() not in self.transport.ring:  # revoked since it connected
                 continue
             message = self._decode_or_warn(frame.bytes, key)
@@ -325,7 +325,7 @@ class Mesh:
                 reply = wire.encode_control(wire.REFUSED, reason=reason)
             else:
                 assert message.hello is not None
-                host = message.hello.host or _strip_port(frame.get("Peer-Address"))
+                host = message.hello.host or _strip_port(str(frame.get("Peer-Address")))
                 link = self._link_to(key, host, message.hello.control_port)
                 link.peer.host = link.peer.host or host
                 self._observe(key, message.hello)

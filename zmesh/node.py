@@ -205,7 +205,7 @@ class Node:
             self.name,
             public.decode(),
             len(ring),
-            "%s:%d" % self.mqtt_address if self.mqtt_address else "off",
+            "{}:{}".format(*self.mqtt_address) if self.mqtt_address else "off",
         )
 
     async def stop(self) -> None:
@@ -432,7 +432,7 @@ class Node:
         if not self._sys_subscribers:
             return
         payload = self._sys_value(sys_topic)
-        for subscriber, granted in self.router.targets(sys_topic):
+        for subscriber, _granted in self.router.targets(sys_topic):
             subscriber.deliver(sys_topic, payload, 0, False, self.name, None)
 
     async def wait_closed(self) -> None:

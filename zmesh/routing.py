@@ -8,6 +8,7 @@ whenever a subscription changes (the trie's version moves).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 from zmesh import topics
@@ -16,7 +17,7 @@ from zmesh.wire import subscription_prefix
 MATCH_CACHE_LIMIT = 10_000
 
 
-class Subscriber(Protocol):
+class Subscriber(Hashable, Protocol):
     def deliver(
         self,
         topic: str,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 SIZE = "\0"  # a key no topic level can be: MQTT forbids U+0000 in topics
 
 

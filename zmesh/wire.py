@@ -187,7 +187,7 @@ def decode_control(data: bytes) -> ControlMessage:
 
 def _decode_hello(body: dict[str, Any]) -> Hello:
     name, incarnation = body.get("n"), body.get("i")
-    ports = [body.get("pc"), body.get("pp"), body.get("pl")]
+    ports: list[Any] = [body.get("pc"), body.get("pp"), body.get("pl")]
     host, peers = body.get("h"), body.get("ps", [])
     if not isinstance(name, str) or not name or type(incarnation) is not int:
         raise WireError("hello lacks name or incarnation")

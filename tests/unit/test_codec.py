@@ -49,7 +49,7 @@ from zmesh.mqtt.codec import (
 )
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ROUND_TRIP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ROUND_TRIP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---------------------------------------------------------------------------- strategies
 
@@ -340,7 +340,7 @@ def test_connect_round_trip(level: int, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("level", [MQTT_311, MQTT_5])
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_packet_round_trip(level: int, data: st.DataObject) -> None:
     packet = data.draw(PACKETS[level])
@@ -439,7 +439,7 @@ def test_publish_subscription_identifiers_are_a_list() -> None:
 # ---------------------------------------------------------------------------- streams
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(session=sessions(), data=st.data())
 def test_stream_split_anywhere_gives_same_packets(session: tuple[int, list[Packet]], data: st.DataObject) -> None:
     level, items = session

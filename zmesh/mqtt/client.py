@@ -56,6 +56,7 @@ class Client:
             password=password.encode() if password is not None else None,
             will=will,
         )
+        assert self._writer is not None
         self._writer.write(codec.encode(connect, self.level))
         connack = await asyncio.wait_for(self._read_one(), timeout)
         if not isinstance(connack, codec.ConnAck):

@@ -780,9 +780,8 @@ def _decode_publish(first: int, data: bytes, pos: int, end: int, level: int | No
     pos = start + ((data[pos] << 8) | data[pos + 1])
     if pos > end:
         raise _malformed("PUBLISH: topic length runs past the end of the packet")
-    raw = data[start:pos]
     try:
-        topic = raw.decode("utf-8")
+        topic = data[start:pos].decode()
     except UnicodeDecodeError as exc:
         raise _malformed(f"PUBLISH: topic is not valid UTF-8: {exc.reason}") from None
     if "+" in topic or "#" in topic or "\x00" in topic or not topic:
@@ -804,8 +803,8 @@ def _decode_publish(first: int, data: bytes, pos: int, end: int, level: int | No
             pos += 1
         else:
             properties, pos = _read_properties(data, pos, end, PUBLISH)
-        return Publish(topic, data[pos:end], qos, bool(first & 0x01), bool(first & 0x08), packet_id, properties)
-    return Publish(topic, data[pos:end], qos, bool(first & 0x01), bool(first & 0x08), packet_id)
+        return Publish(topic, data[pos:end], qos, first & 0x01 == 1, first & 0x08 == 8, packet_id, properties)
+    return Publish(topic, data[pos:end], qos, first & 0x01 == 1, first & 0x08 == 8, packet_id, {})
 
 
 def _read_packet_id(data: bytes, pos: int, end: int, what: str) -> tuple[int, int]:

@@ -176,7 +176,7 @@ class Connection(asyncio.Protocol):
     def _on_publish(self, packet: Publish) -> None:
         if not self.connected:
             raise MQTTError(codec.PROTOCOL_ERROR, "PUBLISH before CONNECT")
-        properties = packet.properties
+        properties: dict[str, Any] | None = packet.properties
         if properties:
             if "topic_alias" in properties:
                 raise MQTTError(RC_TOPIC_ALIAS_INVALID, "topic aliases are not enabled (topic_alias_maximum 0)")
