@@ -45,7 +45,7 @@ TICK = 0.05
 RETRY_HELLO = 0.2
 MAX_FRAMES_PER_WAKEUP = 256
 
-EventHandler = Callable[[Peer, str, list[wire.Item]], None]
+EventHandler = Callable[[Peer, str, list[bytes | wire.Item], bool], None]
 PeerHandler = Callable[[PeerEvent], None]
 
 
@@ -428,12 +428,12 @@ class Mesh:
             frames = 1
             while True:
                 try:
-                    topic, items = decode(frame)
+                    topic, items, plain = decode(frame)
                 except wire.WireError as exc:
                     self.stats["bad_frames"] += 1
                     self._warn_once(f"frame:{peer.key}", "bad event frame from %s: %s", peer.label, exc)
                 else:
-                    on_event(peer, topic, items)
+                    on_event(peer, topic, items, plain)
                 if frames >= MAX_FRAMES_PER_WAKEUP:
                     break
                 try:

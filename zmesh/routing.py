@@ -28,6 +28,9 @@ class Subscriber(Hashable, Protocol):
         properties: dict[str, Any] | None,
     ) -> None: ...
 
+    def deliver_plain(self, topic: str, payloads: list[bytes], origin: str) -> None:
+        """Many QoS 0, non-retained messages without properties, in order."""
+
 
 class LocalRouter:
     def __init__(self) -> None:

@@ -71,8 +71,12 @@ def subscription_prefix(literal_prefix: str, exact: bool) -> bytes:
     return prefix + TOPIC_END if exact else prefix
 
 
-def decode_event_frame(frame: bytes) -> tuple[str, list[Item]]:
-    """Split a frame into its topic and decoded items. Raises WireError on anything malformed."""
+def decode_event_frame(frame: bytes) -> tuple[str, list[bytes | Item], bool]:
+    """Split a frame into its topic, its items and whether all of them are bare payloads.
+
+    Bare payloads (QoS 0, not retained, no properties) stay ``bytes``; the others become
+    ``Item``. The flag lets the receiver hand a whole batch of plain messages on at once.
+    Raises WireError on anything malformed, before anything is delivered."""
     end = frame.find(TOPIC_END)
     if end <= 0:
         raise WireError("event frame has no topic terminator" if end < 0 else "empty topic")
@@ -88,12 +92,15 @@ def decode_event_frame(frame: bytes) -> tuple[str, list[Item]]:
         raise WireError(f"event frame version {version!r}; this node speaks {WIRE_VERSION}")
     if not isinstance(raw_items, list):
         raise WireError("event items are not a list")
-    return topic, [_decode_item(raw) for raw in raw_items]
+    plain = True
+    for index, raw in enumerate(raw_items):
+        if type(raw) is not bytes:
+            raw_items[index] = _decode_item(raw)
+            plain = False
+    return topic, raw_items, plain
 
 
 def _decode_item(raw: Any) -> Item:
-    if type(raw) is bytes:
-        return Item(raw, 0, False, 0, None)
     if (
         isinstance(raw, list)
         and len(raw) == 4

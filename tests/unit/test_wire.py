@@ -29,12 +29,15 @@ items_st = st.lists(
 def test_event_frame_round_trip(topic: str, items: list) -> None:
     encoded = [wire.encode_item(*item) for item in items]
     frame = wire.encode_event_frame(topic.encode(), encoded)
-    got_topic, got_items = wire.decode_event_frame(frame)
+    got_topic, got_items, plain = wire.decode_event_frame(frame)
     assert got_topic == topic
+    assert plain == all(type(i) is bytes for i in got_items)
     for (payload, qos, retain, ts, props), item in zip(items, got_items, strict=True):
+        if type(item) is bytes:  # the bare form: nothing but the payload needed saying
+            assert (item, qos, retain, props or None) == (payload, 0, False, None)
+            continue
         assert (item.payload, item.qos, item.retain) == (payload, qos, retain)
-        if qos or retain or props:  # the bare form drops what it does not need
-            assert item.timestamp == ts and item.properties == (props or None)
+        assert item.timestamp == ts and item.properties == (props or None)
 
 
 def test_plain_qos0_message_travels_as_bare_payload() -> None:

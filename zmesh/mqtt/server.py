@@ -306,6 +306,19 @@ class Connection(asyncio.Protocol):
             self.server.dropped_total += self.window.dropped - self.dropped
             self.dropped = self.window.dropped
 
+    def deliver_plain(self, topic: str, payloads: list[bytes], origin: str) -> None:
+        if not self.connected or self.closing:
+            return
+        assert self.transport is not None
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.dropped += len(payloads)
+            self.server.dropped_total += len(payloads)
+            return
+        encoded_topic, level = topic.encode(), self.level
+        write = self._write
+        for payload in payloads:
+            write(encode_publish(encoded_topic, payload, 0, False, False, None, level, b""))
+
     def _send(self, message: Outgoing) -> None:
         props = encode_properties(message.properties) if message.properties and self.level == MQTT_5 else b""
         self._write(
