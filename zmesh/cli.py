@@ -66,6 +66,9 @@ def node_run(
     listen: Annotated[str | None, typer.Option("--listen", help="Mesh control HOST:PORT.")] = None,
     peer: Annotated[list[str] | None, typer.Option("--peer", help="Seed peer HOST:PORT (repeatable).")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,
+    discovery: Annotated[list[str] | None, typer.Option("--discovery", help="static, mdns or dns (repeatable).")] = None,
+    interface: Annotated[str | None, typer.Option("--interface", help="mDNS interface.")] = None,
+    dns_name: Annotated[str | None, typer.Option("--dns-name", help="Headless Service name to resolve for peers.")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
     ready_file: Annotated[str | None, typer.Option("--ready-file", hidden=True)] = None,
 ) -> None:
@@ -78,11 +81,14 @@ def node_run(
     for key, value in (
         ("node.name", name), ("mesh.cert", cert), ("mesh.trusted", trusted), ("mqtt.listen", mqtt),
         ("mesh.listen", listen), ("node.data_dir", data_dir), ("log.level", log_level),
+        ("discovery.interface", interface), ("discovery.dns_name", dns_name),
     ):
         if value is not None:
             overrides[key] = str(value)
     if peer:
         overrides["mesh.peers"] = list(peer)
+    if discovery:
+        overrides["discovery.mode"] = list(discovery)
     try:
         node_config = load_config(config, overrides)
     except ConfigError as exc:

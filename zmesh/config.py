@@ -14,6 +14,7 @@ Layout::
     [node]  name, data_dir
     [mesh]  listen, cert, trusted, peers, heartbeat_interval, peer_expiry, advertise_host
     [mqtt]  listen, max_packet_size, max_inflight, max_queued
+    [discovery] mode, interface, dns_name, dns_port, dns_interval
     [log]   level
 """
 
@@ -60,6 +61,7 @@ class MeshConfig:
     peers: tuple[str, ...] = ()  # seed peers, HOST:PORT
     heartbeat_interval: float = 1.0
     peer_expiry: float = 5.0
+    peer_evasive: float | None = None  # silence after which a peer shows as evasive (default: expiry / 2)
     advertise_host: str | None = None  # host other nodes use to reach us when listen is 0.0.0.0
 
 
@@ -69,6 +71,18 @@ class MqttConfig:
     max_packet_size: int = 1_048_576
     max_inflight: int = 20
     max_queued: int = 1000
+
+
+DISCOVERY_MODES = ("static", "mdns", "dns")
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    mode: tuple[str, ...] = ("static",)  # any of static, mdns, dns
+    interface: str | None = None  # mDNS interface (default: the one holding mesh.listen's address)
+    dns_name: str | None = None  # a headless Service name, resolved for peers
+    dns_port: int | None = None  # the peers' control port (default: our own; SRV records win)
+    dns_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class NodeConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     source: str = DEFAULTS  # the config file this came from, for error messages downstream
 
 
@@ -287,6 +302,30 @@ def _advertise_host(value: Any, cli: bool) -> str:
     return bare  # the mesh adds brackets itself when it builds an endpoint
 
 
+def _modes(value: Any, cli: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [p for p in (part.strip() for part in value.split(",")) if p]
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"expected one of {', '.join(DISCOVERY_MODES)} or an array of them, got {_describe(value)}")
+    for item in value:
+        if item not in DISCOVERY_MODES:
+            raise ValueError(f"{item!r} is not a discovery mode; expected {', '.join(DISCOVERY_MODES)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _interface(value: Any, cli: bool) -> str:
+    name = _str(value, cli)
+    if not 0 < len(name) < 16 or "/" in name or " " in name:
+        raise ValueError(f"{name!r} is not a network interface name")
+    return name
+
+
+def _dns_name(value: Any, cli: bool) -> str:
+    name = _str(value, cli).rstrip(".")
+    _check_host(name, name)
+    return name
+
+
 def _level(value: Any, cli: bool) -> str:
     level = _str(value, cli).lower()
     if level not in LOG_LEVELS:
@@ -308,6 +347,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
         "peers": (_peers, False, False),
         "heartbeat_interval": (_positive_float, False, False),
         "peer_expiry": (_positive_float, False, False),
+        "peer_evasive": (_positive_float, False, True),
         "advertise_host": (_advertise_host, False, True),
     },
     "mqtt": {
@@ -318,6 +358,13 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
     },
     "log": {
         "level": (_level, False, False),
+    },
+    "discovery": {
+        "mode": (_modes, False, False),
+        "interface": (_interface, False, True),
+        "dns_name": (_dns_name, False, True),
+        "dns_port": (_int_range(1, 65535), False, True),
+        "dns_interval": (_positive_float, False, False),
     },
 }
 _KNOWN_KEYS = [f"{table}.{key}" for table, keys in _SCHEMA.items() for key in keys]
@@ -462,6 +509,17 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
             f"({heartbeat:g} s), or peers expire between two heartbeats",
         )
 
+    discovery_modes = values.get("discovery.mode", DiscoveryConfig.mode)
+    if "dns" in discovery_modes and not values.get("discovery.dns_name"):
+        origin = raw["discovery.mode"][1] if "discovery.mode" in raw else source
+        raise ConfigError(origin, "discovery.dns_name", 'required with mode "dns" (or --dns-name)')
+    evasive = values.get("mesh.peer_evasive")
+    if evasive is not None and evasive >= expiry:
+        raise ConfigError(
+            raw["mesh.peer_evasive"][1], "mesh.peer_evasive",
+            f"must be less than mesh.peer_expiry ({expiry:g} s)",
+        )
+
     def section(cls: type, table: str) -> Any:
         # Keys not given keep the dataclass defaults, so the defaults live in one place.
         given = {
@@ -477,5 +535,6 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         mesh=section(MeshConfig, "mesh"),
         mqtt=section(MqttConfig, "mqtt"),
         log=section(LogConfig, "log"),
+        discovery=section(DiscoveryConfig, "discovery"),
         source=source,
     )

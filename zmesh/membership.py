@@ -3,7 +3,8 @@
 A peer is known by its CURVE public key, never by what it claims: the key comes from the
 ZAP-authenticated connection. Its state moves
 
-    connecting --hello--> up --no hello for `expiry` s--> down --hello--> up
+    connecting --hello--> up --silent `evasive` s--> evasive --silent `expiry` s--> down
+    down --hello--> up;  evasive --hello--> up;  up/evasive --goodbye--> down
 
 and a hello whose incarnation or ports differ from the last one means the peer restarted:
 its ephemeral ports may have changed, so the caller re-dials it.
@@ -20,6 +21,7 @@ from zmesh.wire import Hello
 class PeerState(enum.Enum):
     CONNECTING = "connecting"
     UP = "up"
+    EVASIVE = "evasive"  # late with its heartbeats, still a member
     DOWN = "down"
 
 
@@ -48,6 +50,7 @@ class Peer:
 
 class EventKind(enum.Enum):
     UP = "up"
+    EVASIVE = "evasive"
     DOWN = "down"
     RESTARTED = "restarted"
 
@@ -58,9 +61,13 @@ class PeerEvent:
     peer: Peer
 
 
+MEMBER_STATES = (PeerState.UP, PeerState.EVASIVE)
+
+
 @dataclass
 class Membership:
     expiry: float
+    evasive: float | None = None  # default: half the expiry
     peers: dict[str, Peer] = field(default_factory=dict)
 
     def ensure(self, key: str, host: str, control_port: int, now: float, seed: bool = False) -> Peer:
@@ -78,7 +85,9 @@ class Membership:
         previous = peer.hello
         peer.hello, peer.name, peer.last_seen = hello, hello.name, now
         peer.control_port = hello.control_port
-        if peer.state is not PeerState.UP:
+        if peer.state is PeerState.EVASIVE:
+            peer.state = PeerState.UP  # it was late, not gone: no new membership event
+        elif peer.state is not PeerState.UP:
             peer.state, peer.since = PeerState.UP, now
             return [PeerEvent(EventKind.UP, peer)]
         if previous is not None and _endpoints(previous) != _endpoints(hello):
@@ -87,19 +96,35 @@ class Membership:
         return []
 
     def expire(self, now: float) -> list[PeerEvent]:
-        """Mark down every peer not heard from within ``expiry`` seconds."""
+        """Mark evasive, then down, every member silent for too long."""
+        evasive = self.evasive if self.evasive is not None else self.expiry / 2
         events = []
         for peer in self.peers.values():
-            if peer.state is PeerState.UP and now - peer.last_seen > self.expiry:
+            if peer.state not in MEMBER_STATES:
+                continue
+            silence = now - peer.last_seen
+            if silence > self.expiry:
                 peer.state, peer.since = PeerState.DOWN, now
                 events.append(PeerEvent(EventKind.DOWN, peer))
+            elif silence > evasive and peer.state is PeerState.UP:
+                peer.state = PeerState.EVASIVE
+                events.append(PeerEvent(EventKind.EVASIVE, peer))
         return events
+
+    def force_down(self, key: str, now: float) -> list[PeerEvent]:
+        """The peer said goodbye (mDNS): down now rather than after the expiry."""
+        peer = self.peers.get(key)
+        if peer is None or peer.state not in MEMBER_STATES:
+            return []
+        peer.state, peer.since = PeerState.DOWN, now
+        return [PeerEvent(EventKind.DOWN, peer)]
 
     def forget(self, key: str) -> Peer | None:
         return self.peers.pop(key, None)
 
     def up(self) -> list[Peer]:
-        return [p for p in self.peers.values() if p.state is PeerState.UP]
+        """The members: peers up or merely evasive."""
+        return [p for p in self.peers.values() if p.state in MEMBER_STATES]
 
 
 def _endpoints(hello: Hello) -> tuple[int, int, int, int, str | None]:

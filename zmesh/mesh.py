@@ -31,7 +31,8 @@ import zmq
 import zmq.asyncio
 
 from zmesh import wire
-from zmesh.membership import EventKind, Membership, Peer, PeerEvent, PeerState
+from zmesh.discovery import Hint
+from zmesh.membership import MEMBER_STATES, EventKind, Membership, Peer, PeerEvent, PeerState
 from zmesh.transport import Transport
 
 log = logging.getLogger("zmesh.mesh")
@@ -71,6 +72,7 @@ class Mesh:
         heartbeat_interval: float,
         peer_expiry: float,
         advertise_host: str | None,
+        peer_evasive: float | None,
         on_event: EventHandler,
         on_peer: PeerHandler,
     ) -> None:
@@ -82,13 +84,22 @@ class Mesh:
         self.on_event = on_event
         self.on_peer = on_peer
         self.own_key = transport.identity.public.decode()
-        self.membership = Membership(expiry=peer_expiry)
+        self.membership = Membership(expiry=peer_expiry, evasive=peer_evasive)
         self.incarnation = random.getrandbits(62) ^ time.time_ns()
         self.links: dict[str, _Link] = {}
         self.probes: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.prefixes: set[bytes] = set()
         self.control_port = self.pub_port = self.pull_port = 0
-        self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "refused_hellos": 0}
+        self.router: zmq.asyncio.Socket | None = None
+        self.pub: zmq.asyncio.Socket | None = None
+        self.pull: zmq.asyncio.Socket | None = None
+        self.stats = {
+            "frames_in": 0,
+            "frames_out": 0,
+            "bad_frames": 0,
+            "refused_hellos": 0,
+            "untrusted_hints": 0,
+        }
         self._pending: dict[bytes, list[Any]] = {}
         self._pending_count = 0
         self._pending_bytes = 0
@@ -134,7 +145,8 @@ class Mesh:
         for link in self.links.values():
             self._close_link_sockets(link)
         for sock in (self.router, self.pub, self.pull):
-            sock.close(linger=0)
+            if sock is not None:  # None when start() failed part way (a port in use)
+                sock.close(linger=0)
 
     # ------------------------------------------------------------------ peers
 
@@ -145,6 +157,32 @@ class Mesh:
         self.probes[(host, port)] = asyncio.create_task(
             self._probe(host, port), name=f"probe-{host}:{port}"
         )
+
+    def found(self, hint: Hint) -> None:
+        """A discovery provider says a peer may be at ``hint``: dial it, trusting nothing yet."""
+        if hint.key is None:
+            if not any((p.host, p.control_port) == (hint.host, hint.port) for p in self.membership.peers.values()):
+                self.add_seed(hint.host, hint.port)
+            return
+        if hint.key == self.own_key or hint.key in self.links:
+            return
+        if hint.key.encode() not in self.transport.ring:
+            self.stats["untrusted_hints"] += 1
+            self._warn_once(
+                f"untrusted:{hint.key}",
+                "%s hint %s at %s:%d names a key that is not trusted: ignored",
+                hint.source, hint.name or "?", hint.host, hint.port,
+            )
+            return
+        # The handshake proves the key: an impostor using a trusted key's name never
+        # completes it, and so never becomes a member.
+        self._link_to(hint.key, hint.host, hint.port)
+
+    def lost(self, hint: Hint) -> None:
+        """A peer said goodbye (mDNS): down now, not after the expiry."""
+        if hint.key is not None and hint.key in self.links:
+            for event in self.membership.force_down(hint.key, time.monotonic()):
+                self._apply(event, f"said goodbye ({hint.source})")
 
     def peers(self) -> list[Peer]:
         return sorted(self.membership.peers.values(), key=lambda p: (p.name, p.key))
@@ -238,12 +276,14 @@ class Mesh:
                 if peer_key.encode() in self.transport.ring:
                     self._link_to(peer_key, host, port)
 
-    def _apply(self, event: PeerEvent) -> None:
+    def _apply(self, event: PeerEvent, why: str = "") -> None:
         link = self.links.get(event.peer.key)
         if link is None:
             return
         peer = event.peer
-        if event.kind in (EventKind.UP, EventKind.RESTARTED):
+        if event.kind is EventKind.EVASIVE:
+            log.warning("peer %s evasive: nothing heard for %.1f s", peer.label, time.monotonic() - peer.last_seen)
+        elif event.kind in (EventKind.UP, EventKind.RESTARTED):
             self._connect_sub(link)
             log.info(
                 "peer %s %s (%s)",
@@ -253,7 +293,7 @@ class Mesh:
             )
         else:
             self._close_sub(link)
-            log.warning("peer %s down: nothing heard for %.1f s", peer.label, self.membership.expiry)
+            log.warning("peer %s down: %s", peer.label, why or f"nothing heard for {self.membership.expiry:g} s")
         self.on_peer(event)
 
     def _connect_sub(self, link: _Link) -> None:
@@ -284,7 +324,7 @@ class Mesh:
             for task in link.tasks:
                 task.cancel()
             self._close_link_sockets(link)
-        if peer is not None and peer.state is PeerState.UP:
+        if peer is not None and peer.state in MEMBER_STATES:
             peer.state = PeerState.DOWN
             self.on_peer(PeerEvent(EventKind.DOWN, peer))
 
@@ -299,7 +339,8 @@ class Mesh:
         old = self.pub
         host = self.listen.rpartition(":")[0] or "0.0.0.0"
         self._bind_pub(host)
-        old.close(linger=0)
+        if old is not None:
+            old.close(linger=0)
         self.incarnation += 1
         for link in self.links.values():
             link.last_hello = 0.0  # tell everyone now
@@ -307,8 +348,10 @@ class Mesh:
     # ------------------------------------------------------------------ control I/O
 
     async def _read_control(self) -> None:
+        router = self.router
+        assert router is not None
         while True:
-            ident, frame = await self.router.recv_multipart(copy=False)
+            ident, frame = await router.recv_multipart(copy=False)
             key = str(frame.get("User-Id"))  # the z85 key ZAP authenticated
             if key.encode() not in self.transport.ring:  # revoked since it connected
                 continue
@@ -331,7 +374,7 @@ class Mesh:
                 self._observe(key, message.hello)
                 reply = wire.encode_control(wire.WELCOME, self._hello())
             try:
-                await self.router.send_multipart([ident.bytes, reply], flags=zmq.NOBLOCK)
+                await router.send_multipart([ident.bytes, reply], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # the peer went away between hello and welcome; it will hail again
 
@@ -368,7 +411,7 @@ class Mesh:
             now = time.monotonic()
             hello = None
             for link in list(self.links.values()):
-                due = RETRY_HELLO if link.peer.state is not PeerState.UP else self.heartbeat_interval
+                due = self.heartbeat_interval if link.peer.state in MEMBER_STATES else RETRY_HELLO
                 if now - link.last_hello >= due:
                     hello = hello or wire.encode_control(wire.HELLO, self._hello())
                     if _try_send(link.dealer, hello):

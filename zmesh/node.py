@@ -175,6 +175,7 @@ class Node:
         self.transport: Transport | None = None
         self.mesh: Mesh | None = None
         self.mqtt_server: Any = None
+        self.discovery: list[Any] = []
         self._closed = asyncio.Event()
         self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
 
@@ -197,6 +198,7 @@ class Node:
             listen=mesh_config.listen,
             heartbeat_interval=mesh_config.heartbeat_interval,
             peer_expiry=mesh_config.peer_expiry,
+            peer_evasive=mesh_config.peer_evasive,
             advertise_host=mesh_config.advertise_host,
             on_event=self._on_mesh_event,
             on_peer=self._on_peer,
@@ -206,6 +208,7 @@ class Node:
             for seed in mesh_config.peers:
                 host, port = parse_hostport(seed)
                 self.mesh.add_seed(host, port)
+            await self._start_discovery(public.decode())
             if self.config.mqtt.listen:
                 from zmesh.mqtt.server import MQTTServer
 
@@ -223,6 +226,33 @@ class Node:
             "{}:{}".format(*self.mqtt_address) if self.mqtt_address else "off",
         )
 
+    async def _start_discovery(self, key: str) -> None:
+        assert self.mesh is not None
+        settings = self.config.discovery
+        if "mdns" in settings.mode:
+            from zmesh.discovery import netif
+            from zmesh.discovery.mdns import MdnsDiscovery
+
+            listen_host = parse_hostport(self.config.mesh.listen)[0]
+            interface = settings.interface or netif.interface_of(listen_host) or netif.default_route_interface()
+            network = netif.interface_network(interface) if interface else None
+            if network is None:
+                raise ValueError(
+                    f"{self.config.source}: discovery.interface: mDNS needs an interface with an "
+                    f"IPv4 address; {interface or 'none found'} has none (set --interface)"
+                )
+            mdns = MdnsDiscovery(self.name, key, self.mesh.control_port, network, wire.WIRE_VERSION, self.mesh)
+            await mdns.start()
+            self.discovery.append(mdns)
+        if "dns" in settings.mode:
+            from zmesh.discovery.dns import DnsDiscovery
+
+            assert settings.dns_name is not None  # config guarantees it
+            port = settings.dns_port or self.mesh.control_port
+            dns = DnsDiscovery(settings.dns_name, port, settings.dns_interval, self.mesh)
+            await dns.start()
+            self.discovery.append(dns)
+
     async def stop(self) -> None:
         if self.mqtt_server is not None:
             await self.mqtt_server.stop()
@@ -230,6 +260,10 @@ class Node:
         if self.mesh is not None:
             await self.mesh.stop()
             self.mesh = None
+        # Goodbyes last: once they are out, no welcome of ours can revive us in a peer's view.
+        for provider in reversed(self.discovery):
+            await provider.stop()
+        self.discovery.clear()
         if self.transport is not None:
             self.transport.close()
             self.transport = None

@@ -74,6 +74,9 @@ class Transport:
         hwm = EVENT_HWM if kind in (zmq.PUB, zmq.SUB) else CONTROL_HWM
         sock.sndhwm = hwm
         sock.rcvhwm = hwm
+        # Back off reconnecting to a peer that is down (100 ms doubling to 2 s); a peer that
+        # is up again is reached within 2 s, and a dead seed costs little.
+        sock.reconnect_ivl_max = 2000
         if kind in (zmq.DEALER, zmq.PUSH):
             # Queue nothing to a peer whose handshake has not completed: a dead or
             # impostor endpoint must not swallow hellos or jobs.

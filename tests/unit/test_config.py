@@ -472,3 +472,21 @@ def test_arbitrary_overrides_load_or_raise_config_error(overrides: dict) -> None
         load_config(None, overrides)
     except ConfigError as err:
         assert err.file == "<command line>"
+
+
+def test_discovery_modes_from_file_and_command_line(tmp_path) -> None:
+    from zmesh.config import ConfigError, load_config
+
+    conf = tmp_path / "n.toml"
+    conf.write_text('[node]\nname = "n"\n[discovery]\nmode = ["mdns", "static"]\ninterface = "eth0"\n')
+    config = load_config(conf)
+    assert config.discovery.mode == ("mdns", "static") and config.discovery.interface == "eth0"
+    config = load_config(conf, {"discovery.mode": ["dns"], "discovery.dns_name": "zmesh.ns.svc.cluster.local"})
+    assert config.discovery.mode == ("dns",) and config.discovery.dns_name == "zmesh.ns.svc.cluster.local"
+    assert load_config(None, {"node.name": "n"}).discovery.mode == ("static",)
+    with pytest.raises(ConfigError, match=r"discovery.dns_name: required"):
+        load_config(None, {"node.name": "n", "discovery.mode": "dns"})
+    with pytest.raises(ConfigError, match=r"discovery.mode: 'carrier-pigeon' is not a discovery mode"):
+        load_config(None, {"node.name": "n", "discovery.mode": "carrier-pigeon"})
+    with pytest.raises(ConfigError, match=r"mesh.peer_evasive: must be less than"):
+        load_config(None, {"node.name": "n", "mesh.peer_evasive": "6"})
