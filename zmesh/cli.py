@@ -56,46 +56,68 @@ def version() -> None:
 # ---------------------------------------------------------------------------- node
 
 
+# The node's settings as flags: `node run` and `doctor` take the same ones.
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+NameOpt = Annotated[str | None, typer.Option("--name")]
+CertOpt = Annotated[Path | None, typer.Option("--cert", help="This node's NAME.key_secret.")]
+TrustedOpt = Annotated[Path | None, typer.Option("--trusted", help="Directory of trusted *.key files.")]
+MqttOpt = Annotated[str | None, typer.Option("--mqtt", help="MQTT listen HOST:PORT ('' disables).")]
+ListenOpt = Annotated[str | None, typer.Option("--listen", help="Mesh control HOST:PORT.")]
+PeerOpt = Annotated[list[str] | None, typer.Option("--peer", help="Seed peer HOST:PORT (repeatable).")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir")]
+DiscoveryOpt = Annotated[list[str] | None, typer.Option("--discovery", help="static, mdns or dns (repeatable).")]
+InterfaceOpt = Annotated[str | None, typer.Option("--interface", help="mDNS interface.")]
+DnsNameOpt = Annotated[str | None, typer.Option("--dns-name", help="Headless Service name to resolve for peers.")]
+LogLevelOpt = Annotated[str | None, typer.Option("--log-level")]
+
+
+def _node_config(config: Path | None, flags: dict[str, Any]) -> Any:
+    """Load the config file (if any) with the flags that were given laid over it."""
+    from zmesh.config import ConfigError, load_config
+
+    keys = {
+        "name": "node.name", "cert": "mesh.cert", "trusted": "mesh.trusted", "mqtt": "mqtt.listen",
+        "listen": "mesh.listen", "data_dir": "node.data_dir", "log_level": "log.level",
+        "interface": "discovery.interface", "dns_name": "discovery.dns_name",
+        "peer": "mesh.peers", "discovery": "discovery.mode",
+    }
+    overrides: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is not None and value != []:
+            overrides[keys[flag]] = list(value) if isinstance(value, list) else str(value)
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+
+
 @node_app.command("run")
 def node_run(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
-    name: Annotated[str | None, typer.Option("--name")] = None,
-    cert: Annotated[Path | None, typer.Option("--cert", help="This node's NAME.key_secret.")] = None,
-    trusted: Annotated[Path | None, typer.Option("--trusted", help="Directory of trusted *.key files.")] = None,
-    mqtt: Annotated[str | None, typer.Option("--mqtt", help="MQTT listen HOST:PORT ('' disables).")] = None,
-    listen: Annotated[str | None, typer.Option("--listen", help="Mesh control HOST:PORT.")] = None,
-    peer: Annotated[list[str] | None, typer.Option("--peer", help="Seed peer HOST:PORT (repeatable).")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,
-    discovery: Annotated[list[str] | None, typer.Option("--discovery", help="static, mdns or dns (repeatable).")] = None,
-    interface: Annotated[str | None, typer.Option("--interface", help="mDNS interface.")] = None,
-    dns_name: Annotated[str | None, typer.Option("--dns-name", help="Headless Service name to resolve for peers.")] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+    config: ConfigOpt = None,
+    name: NameOpt = None,
+    cert: CertOpt = None,
+    trusted: TrustedOpt = None,
+    mqtt: MqttOpt = None,
+    listen: ListenOpt = None,
+    peer: PeerOpt = None,
+    data_dir: DataDirOpt = None,
+    discovery: DiscoveryOpt = None,
+    interface: InterfaceOpt = None,
+    dns_name: DnsNameOpt = None,
+    log_level: LogLevelOpt = None,
     ready_file: Annotated[str | None, typer.Option("--ready-file", hidden=True)] = None,
 ) -> None:
     """Run a node until SIGINT/SIGTERM; flags override the config file."""
-    from zmesh import daemon
-    from zmesh.certs import CertError
-    from zmesh.config import ConfigError, load_config
-
-    overrides: dict[str, Any] = {}
-    for key, value in (
-        ("node.name", name), ("mesh.cert", cert), ("mesh.trusted", trusted), ("mqtt.listen", mqtt),
-        ("mesh.listen", listen), ("node.data_dir", data_dir), ("log.level", log_level),
-        ("discovery.interface", interface), ("discovery.dns_name", dns_name),
-    ):
-        if value is not None:
-            overrides[key] = str(value)
-    if peer:
-        overrides["mesh.peers"] = list(peer)
-    if discovery:
-        overrides["discovery.mode"] = list(discovery)
-    try:
-        node_config = load_config(config, overrides)
-    except ConfigError as exc:
-        raise fail(str(exc), 2) from None
-    daemon.setup_logging(node_config.log.level)
     import zmq
 
+    from zmesh import daemon
+    from zmesh.certs import CertError
+
+    flags = dict(locals())
+    for local in ("config", "ready_file", "zmq", "daemon", "CertError"):
+        flags.pop(local, None)
+    node_config = _node_config(config, flags)
+    daemon.setup_logging(node_config.log.level)
     try:
         asyncio.run(daemon.run(node_config, ready_file))
     except (CertError, ValueError, OSError) as exc:
@@ -104,6 +126,37 @@ def node_run(
         raise fail(f"mesh socket: {exc} (is {node_config.mesh.listen} free?)") from None
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def doctor(
+    config: ConfigOpt = None,
+    name: NameOpt = None,
+    cert: CertOpt = None,
+    trusted: TrustedOpt = None,
+    mqtt: MqttOpt = None,
+    listen: ListenOpt = None,
+    peer: PeerOpt = None,
+    discovery: DiscoveryOpt = None,
+    interface: InterfaceOpt = None,
+    dns_name: DnsNameOpt = None,
+) -> None:
+    """Check what a node needs (ports, certificates, multicast, DNS, seeds) without running it."""
+    from zmesh.doctor import Check, run_checks
+
+    flags = dict(locals())
+    flags.pop("config")
+    flags.pop("Check", None)
+    flags.pop("run_checks", None)
+    flags["name"] = flags["name"] or "doctor"
+    node_config = _node_config(config, flags)
+
+    def report(check: Check) -> None:
+        line = f"{'ok  ' if check.ok else 'FAIL'}  {check.what}"
+        typer.echo(line + (f"\n      -> {check.advice}" if not check.ok and check.advice else ""))
+
+    if not asyncio.run(run_checks(node_config, report)):
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------- certs
