@@ -45,6 +45,7 @@ FLUSH_BYTES = 256 * 1024
 TICK = 0.05
 RETRY_HELLO = 0.2
 MAX_FRAMES_PER_WAKEUP = 256
+BYE_LINGER_MS = 200
 
 EventHandler = Callable[[Peer, str, list[bytes | wire.Item], bool], None]
 PeerHandler = Callable[[PeerEvent], None]
@@ -136,6 +137,10 @@ class Mesh:
 
     async def stop(self) -> None:
         self.flush()
+        bye = wire.encode_control(wire.BYE)
+        for link in self.links.values():
+            if link.peer.state in MEMBER_STATES and _try_send(link.dealer, bye):
+                link.dealer.linger = BYE_LINGER_MS  # let the goodbye leave before the close
         tasks = list(self._tasks) + list(self.probes.values())
         for link in self.links.values():
             tasks.extend(link.tasks)
@@ -143,7 +148,8 @@ class Mesh:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for link in self.links.values():
-            self._close_link_sockets(link)
+            self._close_sub(link)
+            link.dealer.close()  # with the linger set above when a goodbye is queued
         for sock in (self.router, self.pub, self.pull):
             if sock is not None:  # None when start() failed part way (a port in use)
                 sock.close(linger=0)
@@ -356,7 +362,14 @@ class Mesh:
             if key.encode() not in self.transport.ring:  # revoked since it connected
                 continue
             message = self._decode_or_warn(frame.bytes, key)
-            if message is None or message.kind != wire.HELLO:
+            if message is None:
+                continue
+            if message.kind == wire.BYE:
+                if key in self.links:
+                    for event in self.membership.force_down(key, time.monotonic()):
+                        self._apply(event, "said goodbye")
+                continue
+            if message.kind != wire.HELLO:
                 continue
             if message.version != wire.WIRE_VERSION:
                 self.stats["refused_hellos"] += 1

@@ -144,6 +144,7 @@ class Hello:
 HELLO = "hello"
 WELCOME = "welcome"
 REFUSED = "refused"
+BYE = "bye"  # a clean shutdown: mark me down now, not after the expiry
 
 
 def encode_control(kind: str, hello: Hello | None = None, reason: str = "") -> bytes:
