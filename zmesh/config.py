@@ -15,6 +15,8 @@ Layout::
     [mesh]  listen, cert, trusted, peers, heartbeat_interval, peer_expiry, advertise_host
     [mqtt]  listen, max_packet_size, max_inflight, max_queued
     [discovery] mode, interface, dns_name, dns_port, dns_interval
+    [retained] max_entries, max_bytes, tombstone_ttl, anti_entropy_interval
+    [store] sync, sync_interval, key_file, previous_key_files
     [log]   level
 """
 
@@ -86,6 +88,25 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class RetainedConfig:
+    max_entries: int = 0  # live retained topics per node (0: unlimited)
+    max_bytes: int = 0  # their payload bytes (0: unlimited)
+    tombstone_ttl: float = 86_400.0  # seconds a delete is remembered against stale copies
+    anti_entropy_interval: float = 30.0  # seconds between digest comparisons with each peer
+
+
+STORE_SYNC_MODES = ("always", "interval")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    sync: str = "always"  # "always": on disk before PUBACK; "interval": every sync_interval
+    sync_interval: float = 1.0
+    key_file: Path | None = None  # AES-256-GCM key (zmesh keys create); None: plaintext
+    previous_key_files: tuple[Path, ...] = ()  # keys rows may still be under, during rotation
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
 
@@ -98,6 +119,8 @@ class NodeConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     log: LogConfig = field(default_factory=LogConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    retained: RetainedConfig = field(default_factory=RetainedConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     source: str = DEFAULTS  # the config file this came from, for error messages downstream
 
 
@@ -326,6 +349,19 @@ def _dns_name(value: Any, cli: bool) -> str:
     return name
 
 
+def _store_sync(value: Any, cli: bool) -> str:
+    mode = _str(value, cli)
+    if mode not in STORE_SYNC_MODES:
+        raise ValueError(f"{mode!r}: expected one of {', '.join(STORE_SYNC_MODES)}")
+    return mode
+
+
+def _paths(value: Any, cli: bool) -> tuple[Path, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected an array of paths, got {_describe(value)}")
+    return tuple(_path(item, cli) for item in value)
+
+
 def _level(value: Any, cli: bool) -> str:
     level = _str(value, cli).lower()
     if level not in LOG_LEVELS:
@@ -358,6 +394,18 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
     },
     "log": {
         "level": (_level, False, False),
+    },
+    "retained": {
+        "max_entries": (_int_range(0, 1 << 40), False, False),
+        "max_bytes": (_int_range(0, 1 << 50), False, False),
+        "tombstone_ttl": (_positive_float, False, False),
+        "anti_entropy_interval": (_positive_float, False, False),
+    },
+    "store": {
+        "sync": (_store_sync, False, False),
+        "sync_interval": (_positive_float, False, False),
+        "key_file": (_path, True, True),
+        "previous_key_files": (_paths, False, False),
     },
     "discovery": {
         "mode": (_modes, False, False),
@@ -488,6 +536,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
             raise ConfigError(origin, dotted, str(exc)) from None
         if is_path and not checked.is_absolute():
             checked = base / checked
+        elif isinstance(checked, tuple) and checked and isinstance(checked[0], Path):
+            checked = tuple(p if p.is_absolute() else base / p for p in checked)
         values[dotted] = checked
 
     if values.get("node.name") is None:
@@ -536,5 +586,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         mqtt=section(MqttConfig, "mqtt"),
         log=section(LogConfig, "log"),
         discovery=section(DiscoveryConfig, "discovery"),
+        retained=section(RetainedConfig, "retained"),
+        store=section(StoreConfig, "store"),
         source=source,
     )

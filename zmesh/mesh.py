@@ -25,7 +25,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -33,6 +33,7 @@ import zmq.asyncio
 from zmesh import wire
 from zmesh.discovery import Hint
 from zmesh.membership import MEMBER_STATES, EventKind, Membership, Peer, PeerEvent, PeerState
+from zmesh.retained import RetainedEntry
 from zmesh.transport import Transport
 
 log = logging.getLogger("zmesh.mesh")
@@ -46,15 +47,31 @@ TICK = 0.05
 RETRY_HELLO = 0.2
 MAX_FRAMES_PER_WAKEUP = 256
 BYE_LINGER_MS = 200
+SYNC_TIMEOUT = 10.0  # a sync unanswered this long is asked again
 
 EventHandler = Callable[[Peer, str, list[bytes | wire.Item], bool], None]
 PeerHandler = Callable[[PeerEvent], None]
 
 
-class _Link:
-    """Our sockets towards one peer."""
+class Replica(Protocol):
+    """The node's retained state, as the mesh needs it to replicate (see ``Node``)."""
 
-    __slots__ = ("peer", "dealer", "sub", "tasks", "last_hello")
+    def digests(self) -> list[int]: ...
+
+    def in_buckets(self, buckets: set[int]) -> list[RetainedEntry]: ...
+
+    def differing_buckets(self, remote: list[int]) -> set[int]: ...
+
+    def apply_live(self, peer: Peer, topic: str, items: list[wire.RetainedItem]) -> None: ...
+
+    def apply_sync(self, peer: Peer, entries: list[RetainedEntry]) -> None: ...
+
+
+class _Link:
+    """Our sockets towards one peer, and how far we have its retained state."""
+
+    __slots__ = ("peer", "dealer", "sub", "tasks", "last_hello", "synced_upto", "max_seen",
+                 "sync_pending", "last_sync")
 
     def __init__(self, peer: Peer, dealer: zmq.asyncio.Socket) -> None:
         self.peer = peer
@@ -62,6 +79,15 @@ class _Link:
         self.sub: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.last_hello = 0.0
+        self.reset_sync()
+
+    def reset_sync(self) -> None:
+        # Every retained frame of the peer up to `synced_upto` is reflected in our state;
+        # None until a sync has completed since we (re)connected.
+        self.synced_upto: int | None = None
+        self.max_seen: int | None = None  # highest retained frame seen live since then
+        self.sync_pending = False
+        self.last_sync = 0.0
 
 
 class Mesh:
@@ -76,6 +102,8 @@ class Mesh:
         peer_evasive: float | None,
         on_event: EventHandler,
         on_peer: PeerHandler,
+        replica: Replica,
+        anti_entropy_interval: float = 30.0,
     ) -> None:
         self.name = name
         self.transport = transport
@@ -84,6 +112,10 @@ class Mesh:
         self.advertise_host = advertise_host
         self.on_event = on_event
         self.on_peer = on_peer
+        self.replica = replica
+        self.anti_entropy_interval = anti_entropy_interval
+        self.retained_seq = 0
+        self._pending_retained: dict[bytes, list[Any]] = {}
         self.own_key = transport.identity.public.decode()
         self.membership = Membership(expiry=peer_expiry, evasive=peer_evasive)
         self.incarnation = random.getrandbits(62) ^ time.time_ns()
@@ -100,6 +132,10 @@ class Mesh:
             "bad_frames": 0,
             "refused_hellos": 0,
             "untrusted_hints": 0,
+            "syncs_requested": 0,
+            "sync_entries_in": 0,
+            "sync_entries_out": 0,
+            "retained_gaps": 0,
         }
         self._pending: dict[bytes, list[Any]] = {}
         self._pending_count = 0
@@ -299,7 +335,10 @@ class Mesh:
             )
         else:
             self._close_sub(link)
-            log.warning("peer %s down: %s", peer.label, why or f"nothing heard for {self.membership.expiry:g} s")
+            if why:  # a goodbye: the peer left cleanly, nothing is wrong
+                log.info("peer %s down: %s", peer.label, why)
+            else:
+                log.warning("peer %s down: nothing heard for %g s", peer.label, self.membership.expiry)
         self.on_peer(event)
 
     def _connect_sub(self, link: _Link) -> None:
@@ -307,10 +346,13 @@ class Mesh:
         peer = link.peer
         assert peer.hello is not None
         sub = self.transport.client(zmq.SUB, peer.key.encode())
+        sub.setsockopt(zmq.SUBSCRIBE, wire.RETAINED_CHANNEL)  # every node keeps all retained state
         for prefix in self.prefixes:
             sub.setsockopt(zmq.SUBSCRIBE, prefix)
         sub.connect(peer.endpoint(peer.hello.pub_port))
         link.sub = sub
+        link.reset_sync()
+        self.request_sync(link)
         link.tasks.append(asyncio.create_task(self._read_events(link, sub), name=f"sub-{peer.label}"))
 
     def _close_sub(self, link: _Link) -> None:
@@ -364,6 +406,9 @@ class Mesh:
             message = self._decode_or_warn(frame.bytes, key)
             if message is None:
                 continue
+            if message.kind == wire.SYNC and message.digests is not None:
+                await self._answer_sync(ident.bytes, message, router)
+                continue
             if message.kind == wire.BYE:
                 if key in self.links:
                     for event in self.membership.force_down(key, time.monotonic()):
@@ -401,6 +446,8 @@ class Mesh:
                 self._log_refusal(link.peer.label, message.reason)
             elif message.kind == wire.WELCOME and message.hello is not None:
                 self._observe(link.peer.key, message.hello)
+            elif message.kind == wire.SYNC_DATA and message.entries is not None:
+                self._on_sync_data(link, message)
 
     def _decode_or_warn(self, data: bytes, source: str) -> wire.ControlMessage | None:
         try:
@@ -431,6 +478,12 @@ class Mesh:
                         link.last_hello = now
             for event in self.membership.expire(now):
                 self._apply(event)
+            for link in self.links.values():
+                if link.sub is not None and link.peer.state in MEMBER_STATES:
+                    if link.sync_pending and now - link.last_sync > SYNC_TIMEOUT:
+                        link.sync_pending = False  # the answer was lost with a dropped peer
+                    if now - link.last_sync >= self.anti_entropy_interval:
+                        self.request_sync(link)
             await asyncio.sleep(TICK)
 
     # ------------------------------------------------------------------ events out
@@ -463,9 +516,31 @@ class Mesh:
             assert self._loop is not None
             self._loop.call_soon(self.flush)
 
+    def publish_retained(self, topic: bytes, item: list[Any]) -> None:
+        """Queue a retained write for every peer, on the retained channel."""
+        bucket = self._pending_retained.get(topic)
+        if bucket is None:
+            self._pending_retained[topic] = [item]
+        else:
+            bucket.append(item)
+        self._pending_count += 1
+        if self._pending_count >= FLUSH_COUNT:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self._flush_scheduled = False
+        if self._pending_retained:
+            retained, self._pending_retained = self._pending_retained, {}
+            for topic, items in retained.items():
+                self.retained_seq += 1
+                self._pub_send(wire.encode_retained_frame(topic, items, self.retained_seq), zmq.NOBLOCK)
+            self.stats["frames_out"] += len(retained)
         if not self._pending:
+            self._pending_count = self._pending_bytes = 0
             return
         pending, self._pending = self._pending, {}
         self._pending_count = self._pending_bytes = 0
@@ -473,6 +548,62 @@ class Mesh:
         for topic, items in pending.items():
             send(encode(topic, items), zmq.NOBLOCK)
         self.stats["frames_out"] += len(pending)
+
+    # ------------------------------------------------------------------ retained replication
+
+    def request_sync(self, link: _Link) -> None:
+        """Ask a peer for the retained entries we lack (digest exchange, then a snapshot of
+        only the buckets that differ). Merge is last-writer-wins, so a snapshot and live
+        frames may arrive in any order; a gap in the live sequence just asks again."""
+        if link.sync_pending:
+            return
+        if _try_send(link.dealer, wire.encode_sync_request(self.replica.digests())):
+            link.sync_pending = True
+            link.last_sync = time.monotonic()
+            self.stats["syncs_requested"] += 1
+
+    def _on_retained_frame(self, link: _Link, frame: bytes) -> None:
+        topic, items, seq = wire.decode_retained_frame(frame)
+        self.replica.apply_live(link.peer, topic, items)
+        if link.synced_upto is None:
+            link.max_seen = seq if link.max_seen is None else max(link.max_seen, seq)
+        elif seq > link.synced_upto + 1:
+            self.stats["retained_gaps"] += 1
+            log.info("retained frames %d..%d from %s missed: resyncing", link.synced_upto + 1, seq - 1, link.peer.label)
+            link.synced_upto = seq  # the resync's snapshot is taken after this frame was sent
+            self.request_sync(link)
+        else:
+            link.synced_upto = max(link.synced_upto, seq)
+
+    def _on_sync_data(self, link: _Link, message: wire.ControlMessage) -> None:
+        assert message.entries is not None
+        self.stats["sync_entries_in"] += len(message.entries)
+        if message.entries:
+            self.replica.apply_sync(link.peer, message.entries)
+        if not message.last:
+            return
+        link.sync_pending = False
+        snapshot = message.seq
+        if link.synced_upto is None and link.max_seen is not None and link.max_seen > snapshot:
+            # Live frames arrived before the snapshot's point: if the first of them is not
+            # right after it, some frames in between may have been missed.
+            first_gap = snapshot + 1 < link.max_seen
+            link.synced_upto = link.max_seen
+            if first_gap:
+                self.request_sync(link)
+            return
+        link.synced_upto = max(snapshot, link.synced_upto or 0)
+
+    async def _answer_sync(self, ident: bytes, message: wire.ControlMessage, router: zmq.asyncio.Socket) -> None:
+        assert message.digests is not None
+        self.flush()  # so the sequence number we report covers every write we have made
+        entries = self.replica.in_buckets(self.replica.differing_buckets(message.digests))
+        self.stats["sync_entries_out"] += len(entries)
+        seq = self.retained_seq
+        chunks = [entries[i : i + wire.SYNC_CHUNK] for i in range(0, len(entries), wire.SYNC_CHUNK)] or [[]]
+        for index, chunk in enumerate(chunks):
+            data = wire.encode_sync_data(chunk, index == len(chunks) - 1, seq)
+            await router.send_multipart([ident, data])  # waits at the high-water mark
 
     # ------------------------------------------------------------------ events in
 
@@ -484,12 +615,17 @@ class Mesh:
             frames = 1
             while True:
                 try:
-                    topic, items, plain = decode(frame)
+                    if frame[:1] == wire.RETAINED_CHANNEL:
+                        self._on_retained_frame(link, frame)
+                        topic = ""
+                    else:
+                        topic, items, plain = decode(frame)
                 except wire.WireError as exc:
                     self.stats["bad_frames"] += 1
                     self._warn_once(f"frame:{peer.key}", "bad event frame from %s: %s", peer.label, exc)
                 else:
-                    on_event(peer, topic, items, plain)
+                    if topic:
+                        on_event(peer, topic, items, plain)
                 if frames >= MAX_FRAMES_PER_WAKEUP:
                     break
                 try:

@@ -29,7 +29,7 @@ from zmesh.certs import KeyRing, load_secret_certificate
 from zmesh.config import NodeConfig, load_config, parse_hostport
 from zmesh.membership import Peer, PeerEvent
 from zmesh.mesh import Mesh
-from zmesh.retained import RetainedCache, RetainedEntry
+from zmesh.replica import RetainedReplica
 from zmesh.routing import LocalRouter, Subscriber
 from zmesh.transport import Identity, Transport
 
@@ -165,7 +165,9 @@ class Node:
         self.config = config
         self.name = config.name
         self.router = LocalRouter()
-        self.retained = RetainedCache()
+        self.replica = RetainedReplica(
+            config.name, config.retained, config.store, config.data_dir, self._deliver_local
+        )
         self.started_at = 0.0
         self.stats = {"delivered_from_mesh": 0, "bad_topics": 0}
         self._topic_bytes: dict[str, bytes] = {}  # validated topic -> wire form (b"": local only)
@@ -191,6 +193,7 @@ class Node:
         public, secret = load_secret_certificate(mesh_config.cert)
         trusted_dir = mesh_config.trusted or mesh_config.cert.parent
         ring = KeyRing.from_directory(trusted_dir)
+        await self.replica.open()
         self.transport = Transport(Identity(public, secret), ring)
         self.mesh = Mesh(
             name=self.name,
@@ -202,6 +205,8 @@ class Node:
             advertise_host=mesh_config.advertise_host,
             on_event=self._on_mesh_event,
             on_peer=self._on_peer,
+            replica=self.replica,
+            anti_entropy_interval=self.config.retained.anti_entropy_interval,
         )
         try:
             await self.mesh.start()
@@ -267,6 +272,7 @@ class Node:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        await self.replica.close()
         self._closed.set()
 
     async def __aenter__(self) -> Node:
@@ -319,26 +325,30 @@ class Node:
         qos: int = 0,
         retain: bool = False,
         properties: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
         """Publish from this node: local subscribers now, peers on the next flush.
 
+        Returns a future when the message is a retained write at QoS >= 1 that the store
+        puts on disk before it may be acknowledged (``store.sync = "always"``), else None.
         Raises ``topics.TopicError`` for an invalid topic name."""
         encoded = self._topic_bytes.get(topic) or self._topic(topic)
         if type(payload) is not bytes:
             payload = payload.encode() if isinstance(payload, str) else bytes(payload)
-        timestamp = 0
-        if retain:
-            timestamp = time.time_ns()
-            self._retain(topic, payload, qos, self.name, timestamp, properties)
         name = self.name
         for subscriber, granted in self.router.targets(topic):
             subscriber.deliver(topic, payload, qos if qos < granted else granted, False, name, properties)
         mesh = self.mesh
+        if retain:
+            item, durable = self.replica.write_local(topic, payload, qos, properties)
+            if item is not None and mesh is not None and encoded:
+                mesh.publish_retained(encoded, item)
+            return durable
         if mesh is not None and encoded:
-            if qos or retain or properties:
-                mesh.publish(encoded, wire.encode_item(payload, qos, retain, timestamp, properties), len(payload))
+            if qos or properties:
+                mesh.publish(encoded, wire.encode_item(payload, qos, False, 0, properties), len(payload))
             else:  # the bare form, without a call (see wire.encode_item)
                 mesh.publish(encoded, payload, len(payload))
+        return None
 
     def publish(
         self,
@@ -353,7 +363,9 @@ class Node:
         The work is done by the time this returns; what is awaited is a future that is
         already complete (no coroutine per message: a third of the cost of a publish), or,
         every ``YIELD_EVERY`` calls, a real yield to the event loop."""
-        self.publish_nowait(topic, payload, qos, retain, properties)
+        durable = self.publish_nowait(topic, payload, qos, retain, properties)
+        if durable is not None:
+            return durable
         self._publish_calls += 1
         if self._publish_calls >= YIELD_EVERY:
             self._publish_calls = 0
@@ -364,16 +376,19 @@ class Node:
             done.set_result(None)
         return done
 
-    def _retain(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        origin: str,
-        timestamp: int,
-        properties: dict[str, Any] | None,
+    def _deliver_local(
+        self, topic: str, payload: bytes, qos: int, properties: dict[str, Any] | None, origin: str
     ) -> None:
-        self.retained.merge(RetainedEntry(topic, payload, qos, origin, timestamp, properties))
+        """Hand a message that arrived from the mesh (retained channel) to local subscribers."""
+        if not self._topic_bytes.get(topic):
+            try:
+                if not self._topic(topic):
+                    return  # $SYS is node-local
+            except topics.TopicError:
+                self.stats["bad_topics"] += 1
+                return
+        for subscriber, granted in self.router.targets(topic):
+            subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
 
     # ------------------------------------------------------------------ from the mesh
 
@@ -399,9 +414,7 @@ class Node:
                 for subscriber, _granted in targets:
                     subscriber.deliver(topic, item, 0, False, origin, None)
                 continue
-            payload, qos, retain, timestamp, properties = cast(wire.Item, item)
-            if retain:
-                self._retain(topic, payload, qos, origin, timestamp, properties)
+            payload, qos, _retain, _timestamp, properties = cast(wire.Item, item)
             for subscriber, granted in targets:
                 subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
 
@@ -428,7 +441,7 @@ class Node:
         group, inner = topics.parse_shared(filt)
         if group is not None:
             return  # MQTT 5: shared subscriptions get no retained messages
-        for entry in self.retained.match(inner):
+        for entry in self.replica.match(inner):
             subscriber.deliver(
                 entry.topic, entry.payload, min(entry.qos, qos), True, entry.origin, entry.properties
             )
@@ -477,7 +490,7 @@ class Node:
     def retained_topics(self) -> list[dict[str, Any]]:
         return [
             {"topic": e.topic, "bytes": len(e.payload), "origin": e.origin}
-            for e in sorted(self.retained.live(), key=lambda e: e.topic)
+            for e in sorted(self.replica.cache.live(), key=lambda e: e.topic)
         ]
 
     def _sys_value(self, sys_topic: str) -> bytes:

@@ -1,21 +1,31 @@
-"""The retained-message cache: last value per topic. Pure: no I/O, time passed in.
+"""The retained-message cache: last value per topic, replicated. Pure: no I/O, time passed in.
 
-Every entry remembers where it came from and when (origin node, timestamp), and a write
-only replaces an entry that is older by ``(timestamp, origin, payload)``. That is last-writer-wins,
-so copies on different nodes converge whatever order updates arrive in; mesh-wide
-replication and durability build on exactly this merge rule.
+Every entry remembers where it came from and when (origin node, hybrid-logical-clock
+timestamp), and a write only replaces an entry that is older by ``(timestamp, origin,
+payload)``. That is last-writer-wins, so copies on different nodes converge whatever order
+updates arrive in, however often they are repeated.
 
-A delete (an empty retained payload) is kept as a tombstone rather than forgotten, so a
-stale copy that arrives later cannot resurrect the value.
+A delete (an empty retained payload) is kept as a tombstone rather than forgotten, so that
+a stale copy arriving later cannot resurrect the value; tombstones are collected after a
+TTL long enough for every partition to have healed.
+
+For anti-entropy the topics are split into ``BUCKETS`` buckets, each with a digest: the XOR
+of a hash of every entry's identity in it, kept up to date on every change. Two nodes
+compare 256 integers and exchange only the buckets that differ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import enum
+import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from zmesh.hlc import physical_ms
 from zmesh.topics import matches
+
+BUCKETS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +34,23 @@ class RetainedEntry:
     payload: bytes  # empty: tombstone
     qos: int
     origin: str
-    timestamp: int
+    timestamp: int  # hybrid logical clock
     properties: dict[str, Any] | None = None
+    expires_at: int | None = None  # wall clock ms (MQTT 5 message expiry), None: never
 
     @property
     def deleted(self) -> bool:
         return not self.payload
+
+    def expired(self, now_ms: int) -> bool:
+        return self.expires_at is not None and self.expires_at <= now_ms
+
+
+class Merge(enum.Enum):
+    ACCEPTED = "accepted"
+    STALE = "stale"  # an equal or newer entry is already here
+    EXPIRED = "expired"  # arrived after its expiry
+    FULL = "full"  # a new topic, and the cache is at its limit: refused, counted
 
 
 def _order(entry: RetainedEntry) -> tuple[int, str, bytes]:
@@ -38,31 +59,100 @@ def _order(entry: RetainedEntry) -> tuple[int, str, bytes]:
     return (entry.timestamp, entry.origin, entry.payload)
 
 
-class RetainedCache:
-    def __init__(self) -> None:
-        self._entries: dict[str, RetainedEntry] = {}
+def _identity_hash(entry: RetainedEntry) -> int:
+    # The payload is hashed too: merge orders by it on ties, so digests must see it.
+    digest = hashlib.blake2b(f"{entry.topic}\0{entry.timestamp}\0{entry.origin}\0".encode(), digest_size=8)
+    digest.update(entry.payload)
+    return int.from_bytes(digest.digest(), "big")
 
-    def merge(self, entry: RetainedEntry) -> bool:
-        """Apply a write or delete; False when an existing entry is newer (the write loses)."""
+
+def bucket_of(topic: str) -> int:
+    return hashlib.blake2b(topic.encode(), digest_size=1).digest()[0]
+
+
+class RetainedCache:
+    def __init__(self, max_entries: int = 0, max_bytes: int = 0) -> None:
+        """``max_entries``/``max_bytes``: limits on live entries (0: unlimited)."""
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: dict[str, RetainedEntry] = {}
+        self._digests = [0] * BUCKETS
+        self.live_count = 0
+        self.live_bytes = 0
+
+    def merge(self, entry: RetainedEntry, now_ms: int = 0) -> Merge:
+        """Apply a write or delete (last writer wins)."""
         current = self._entries.get(entry.topic)
         if current is not None and _order(current) >= _order(entry):
-            return False
-        self._entries[entry.topic] = entry
-        return True
+            return Merge.STALE
+        if now_ms and entry.expired(now_ms):
+            return Merge.EXPIRED
+        if not entry.deleted and (self.max_entries or self.max_bytes):
+            live_now = current is not None and not current.deleted
+            more_entries = self.live_count + (0 if live_now else 1)
+            more_bytes = self.live_bytes + len(entry.payload) - (len(current.payload) if current else 0)
+            if (self.max_entries and more_entries > self.max_entries) or (
+                self.max_bytes and more_bytes > self.max_bytes
+            ):
+                return Merge.FULL
+        self._replace(current, entry)
+        return Merge.ACCEPTED
 
-    def get(self, topic: str) -> RetainedEntry | None:
+    def _replace(self, current: RetainedEntry | None, entry: RetainedEntry | None) -> None:
+        topic = (entry or current).topic  # type: ignore[union-attr]
+        bucket = bucket_of(topic)
+        if current is not None:
+            self._digests[bucket] ^= _identity_hash(current)
+            if not current.deleted:
+                self.live_count -= 1
+                self.live_bytes -= len(current.payload)
+        if entry is None:
+            del self._entries[topic]
+            return
+        self._entries[topic] = entry
+        self._digests[bucket] ^= _identity_hash(entry)
+        if not entry.deleted:
+            self.live_count += 1
+            self.live_bytes += len(entry.payload)
+
+    def get(self, topic: str, now_ms: int = 0) -> RetainedEntry | None:
         entry = self._entries.get(topic)
-        return None if entry is None or entry.deleted else entry
+        if entry is None or entry.deleted or (now_ms and entry.expired(now_ms)):
+            return None
+        return entry
 
-    def match(self, filt: str) -> Iterator[RetainedEntry]:
-        """Live (not deleted) entries whose topic the filter matches, in topic order."""
+    def match(self, filt: str, now_ms: int = 0) -> Iterator[RetainedEntry]:
+        """Live, unexpired entries whose topic the filter matches, in topic order."""
         for topic in sorted(self._entries):
             entry = self._entries[topic]
-            if not entry.deleted and matches(filt, topic):
+            if not entry.deleted and not (now_ms and entry.expired(now_ms)) and matches(filt, topic):
                 yield entry
 
     def live(self) -> Iterator[RetainedEntry]:
         return (e for e in self._entries.values() if not e.deleted)
 
+    def all(self) -> Iterable[RetainedEntry]:
+        """Every entry, tombstones included (what a peer needs to converge)."""
+        return self._entries.values()
+
+    def digests(self) -> list[int]:
+        return list(self._digests)
+
+    def differing_buckets(self, remote: list[int]) -> set[int]:
+        return {i for i, (a, b) in enumerate(zip(self._digests, remote, strict=True)) if a != b}
+
+    def in_buckets(self, buckets: set[int]) -> list[RetainedEntry]:
+        return [e for e in self._entries.values() if bucket_of(e.topic) in buckets]
+
+    def purge(self, now_ms: int, tombstone_ttl_ms: int) -> list[str]:
+        """Drop expired entries and tombstones older than the TTL; returns their topics."""
+        gone = [
+            e.topic
+            for e in self._entries.values()
+            if e.expired(now_ms) or (e.deleted and physical_ms(e.timestamp) + tombstone_ttl_ms <= now_ms)
+        ]
+        for topic in gone:
+            self._replace(self._entries[topic], None)
+        return gone
+
     def __len__(self) -> int:
-        return sum(1 for e in self._entries.values() if not e.deleted)
+        return self.live_count

@@ -15,6 +15,15 @@ loop per frame in pyzmq and costs 3x a single frame::
   properties; otherwise ``[payload, flags, timestamp, properties-or-None]`` with
   ``flags = qos | retain << 2``. The bare form saves a list per message on both sides.
 
+Retained messages travel on their own channel, frames that start with NUL (no topic can)::
+
+    0x00 | topic | 0x00 | msgpack([WIRE_VERSION, [entry, ...], seq])
+
+Every node subscribes to that channel whatever its local filters, because every node keeps
+the whole retained state. ``seq`` counts a node's retained frames, so a receiver that sees a
+gap (a frame lost at the high-water mark, or sent before its subscription took effect)
+knows to resynchronise.
+
 The sending node's identity is never read from the envelope: the receiver knows it from the
 CURVE key of the socket the frame came from.
 
@@ -27,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
+
+from zmesh.retained import BUCKETS, RetainedEntry
 
 WIRE_VERSION = 1
 TOPIC_END = b"\x00"
@@ -63,6 +74,58 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 def encode_event_frame(topic: bytes, items: list[bytes | list[Any]]) -> bytes:
     """One frame carrying ``items`` (from :func:`encode_item`) for one topic."""
     return topic + TOPIC_END + _packb([WIRE_VERSION, items])
+
+
+RETAINED_CHANNEL = b"\x00"
+
+
+class RetainedItem(NamedTuple):
+    payload: bytes
+    qos: int
+    timestamp: int
+    properties: dict[str, Any] | None
+    expires_at: int | None
+
+
+def encode_retained_item(
+    payload: bytes, qos: int, timestamp: int, properties: dict[str, Any] | None, expires_at: int | None
+) -> list[Any]:
+    return [payload, qos, timestamp, properties or None, expires_at]
+
+
+def encode_retained_frame(topic: bytes, items: list[list[Any]], seq: int) -> bytes:
+    return RETAINED_CHANNEL + topic + TOPIC_END + _packb([WIRE_VERSION, items, seq])
+
+
+def decode_retained_frame(frame: bytes) -> tuple[str, list[RetainedItem], int]:
+    """A retained-channel frame: topic, items, the sender's retained sequence number."""
+    end = frame.find(TOPIC_END, 1)
+    if not frame.startswith(RETAINED_CHANNEL) or end <= 1:
+        raise WireError("retained frame has no topic")
+    try:
+        topic = frame[1:end].decode()
+        body = msgpack.unpackb(frame[end + 1 :], raw=False, use_list=True)
+    except (UnicodeDecodeError, ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable retained frame: {exc}") from None
+    if not isinstance(body, list) or len(body) != 3 or body[0] != WIRE_VERSION:
+        raise WireError("retained body is not [version, items, seq] of our version")
+    _version, raw_items, seq = body
+    if not isinstance(raw_items, list) or type(seq) is not int:
+        raise WireError("retained items or sequence malformed")
+    items = []
+    for raw in raw_items:
+        if not (
+            isinstance(raw, list)
+            and len(raw) == 5
+            and type(raw[0]) is bytes
+            and raw[1] in (0, 1, 2)
+            and type(raw[2]) is int
+            and (raw[3] is None or isinstance(raw[3], dict))
+            and (raw[4] is None or type(raw[4]) is int)
+        ):
+            raise WireError("malformed retained item")
+        items.append(RetainedItem(*raw))
+    return topic, items, seq
 
 
 def subscription_prefix(literal_prefix: str, exact: bool) -> bytes:
@@ -145,6 +208,20 @@ HELLO = "hello"
 WELCOME = "welcome"
 REFUSED = "refused"
 BYE = "bye"  # a clean shutdown: mark me down now, not after the expiry
+SYNC = "sync"  # "here are my retained bucket digests": answered with SYNC_DATA
+SYNC_DATA = "syncdata"  # entries of the buckets that differ, in chunks; the last says so
+SYNC_CHUNK = 2000  # entries per SYNC_DATA message
+
+
+def encode_sync_request(digests: list[int]) -> bytes:
+    return _packb({"t": SYNC, "v": WIRE_VERSION, "d": digests})
+
+
+def encode_sync_data(entries: list[RetainedEntry], last: bool, seq: int) -> bytes:
+    rows = [
+        [e.topic, e.payload, e.qos, e.origin, e.timestamp, e.properties, e.expires_at] for e in entries
+    ]
+    return _packb({"t": SYNC_DATA, "v": WIRE_VERSION, "e": rows, "l": last, "s": seq})
 
 
 def encode_control(kind: str, hello: Hello | None = None, reason: str = "") -> bytes:
@@ -170,6 +247,10 @@ class ControlMessage:
     version: int
     hello: Hello | None
     reason: str
+    digests: list[int] | None = None  # SYNC
+    entries: list[RetainedEntry] | None = None  # SYNC_DATA
+    last: bool = False  # SYNC_DATA
+    seq: int = 0  # SYNC_DATA: the sender's retained sequence when it answered
 
 
 def decode_control(data: bytes) -> ControlMessage:
@@ -190,7 +271,39 @@ def decode_control(data: bytes) -> ControlMessage:
     hello = None
     if kind in (HELLO, WELCOME) and version == WIRE_VERSION:
         hello = _decode_hello(body)
+    if kind == SYNC and version == WIRE_VERSION:
+        digests = body.get("d")
+        if not (
+            isinstance(digests, list)
+            and len(digests) == BUCKETS
+            and all(type(d) is int and 0 <= d < 2**64 for d in digests)
+        ):
+            raise WireError("sync request digests malformed")
+        return ControlMessage(kind, version, None, reason, digests=digests)
+    if kind == SYNC_DATA and version == WIRE_VERSION:
+        rows, last, seq = body.get("e"), body.get("l"), body.get("s")
+        if not isinstance(rows, list) or type(last) is not bool or type(seq) is not int:
+            raise WireError("sync data malformed")
+        return ControlMessage(kind, version, None, reason, entries=[_decode_row(r) for r in rows], last=last, seq=seq)
     return ControlMessage(kind, version, hello, reason)
+
+
+def _decode_row(row: Any) -> RetainedEntry:
+    if not (
+        isinstance(row, list)
+        and len(row) == 7
+        and isinstance(row[0], str)
+        and row[0]
+        and "\x00" not in row[0]
+        and type(row[1]) is bytes
+        and row[2] in (0, 1, 2)
+        and isinstance(row[3], str)
+        and type(row[4]) is int
+        and (row[5] is None or isinstance(row[5], dict))
+        and (row[6] is None or type(row[6]) is int)
+    ):
+        raise WireError("malformed retained entry in sync data")
+    return RetainedEntry(*row)
 
 
 def _decode_hello(body: dict[str, Any]) -> Hello:

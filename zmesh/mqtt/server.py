@@ -19,6 +19,7 @@ import logging
 import secrets
 import socket
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from zmesh import topics
@@ -89,6 +90,7 @@ class Connection(asyncio.Protocol):
         self.dropped = 0
         self.peer = "?"
         self._out: list[bytes] = []
+        self._held_acks: deque[tuple[asyncio.Future[None] | None, bytes, int, int]] = deque()
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
 
@@ -107,8 +109,14 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        error: MQTTError | None = None
         try:
             packets = self.decoder.feed(data)
+        except MQTTError as exc:
+            # The packets before the bad one in this read are valid and are handled first
+            # (a CONNECT gets its CONNACK), as if they had arrived in an earlier read.
+            packets, error = getattr(exc, "packets", None) or [], exc
+        try:
             for packet in packets:
                 if self.closing:
                     return
@@ -116,6 +124,8 @@ class Connection(asyncio.Protocol):
                 if handler is None:
                     raise MQTTError(codec.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")
                 handler(self, packet)
+            if error is not None and not self.closing:
+                raise error
         except MQTTError as exc:
             self._fail(exc.reason_code, str(exc))
         except topics.TopicError as exc:
@@ -189,24 +199,48 @@ class Connection(asyncio.Protocol):
             if allowed:
                 self.node.publish_nowait(topic, packet.payload, 0, packet.retain, properties)
         elif qos == 1:
+            durable = None
             if allowed:
-                self.node.publish_nowait(topic, packet.payload, 1, packet.retain, properties)
-            self._ack(0x40, packet.packet_id, 0 if allowed else RC_NOT_AUTHORIZED)
+                durable = self.node.publish_nowait(topic, packet.payload, 1, packet.retain, properties)
+            self._ack(0x40, packet.packet_id, 0 if allowed else RC_NOT_AUTHORIZED, durable)
         else:
             assert packet.packet_id is not None
+            durable = None
             if self.inbound_qos2.received(packet.packet_id):
                 if self.inbound_qos2.full():
                     raise MQTTError(0x93, "too many unreleased QoS 2 messages (receive maximum exceeded)")
                 if allowed:
-                    self.node.publish_nowait(topic, packet.payload, 2, packet.retain, properties)
-            self._ack(0x50, packet.packet_id, 0 if allowed else RC_NOT_AUTHORIZED)
+                    durable = self.node.publish_nowait(topic, packet.payload, 2, packet.retain, properties)
+            self._ack(0x50, packet.packet_id, 0 if allowed else RC_NOT_AUTHORIZED, durable)
 
-    def _ack(self, header: int, packet_id: int | None, reason: int) -> None:
+    def _ack(
+        self, header: int, packet_id: int | None, reason: int, durable: asyncio.Future[None] | None = None
+    ) -> None:
+        """Acknowledge a publish; after ``durable`` completes (a retained write reaching the
+        disk) when given. Acks leave in the order the publishes came, as MQTT requires."""
         assert packet_id is not None
         if reason and self.level == MQTT_5:
-            self._write(bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,)))
+            data = bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
         else:
-            self._write(bytes((header, 2)) + packet_id.to_bytes(2, "big"))
+            data = bytes((header, 2)) + packet_id.to_bytes(2, "big")
+        if durable is None and not self._held_acks:
+            self._write(data)
+            return
+        self._held_acks.append((durable, data, header, packet_id))
+        if durable is not None:
+            durable.add_done_callback(lambda _: self._release_acks())
+
+    def _release_acks(self) -> None:
+        while self._held_acks and (self._held_acks[0][0] is None or self._held_acks[0][0].done()):
+            durable, data, header, packet_id = self._held_acks.popleft()
+            if durable is not None and durable.exception() is not None:
+                # Not on disk: never acknowledge it. MQTT 5 says why; 3.1.1 has no way to,
+                # so the connection closes and the client sends the message again.
+                if self.level != MQTT_5:
+                    self._fail(RC_UNSPECIFIED, "retained message could not be stored")
+                    return
+                data = bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((RC_UNSPECIFIED,))
+            self._write(data)
 
     def _on_puback(self, packet: PubAck) -> None:
         for message in self.window.acknowledge(packet.packet_id):
