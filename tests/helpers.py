@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import zmq.auth
 
 from zmesh.certs import create_certificate
 
 REPO = Path(__file__).resolve().parent.parent
+# Every NodeProcess started in this session, so a failing test can show the logs.
+STARTED: list[NodeProcess] = []
 
 
 def free_port() -> int:
@@ -77,8 +80,10 @@ class NodeProcess:
         for seed in seeds or []:
             args += ["--peer", f"127.0.0.1:{seed}"]
         args += extra or []
+        self.args = args
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        STARTED.append(self)
         info = wait_until(self._ready, 20, f"node {name} to start (log: {self.log_path})")
         self.mqtt_port: int = info["mqtt_port"]
 
@@ -197,14 +202,19 @@ def await_route(publisher: Publisher, subscriber: Subscriber, topic: str, timeou
     A new subscription reaches the publishing node asynchronously (ZeroMQ forwards it
     upstream), so a test first proves the route exists before it counts messages."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    arrived = False
+    while not arrived and time.monotonic() < deadline:
         publisher.publish(topic, b"probe")
-        try:
-            subscriber.get(timeout=0.2)
-            break
-        except queue.Empty:
-            continue
-    else:
+        probe_deadline = min(time.monotonic() + 0.2, deadline)
+        # Only a probe on this topic proves this route: the subscriber may still hold
+        # messages from before (other routes' probes, or ones sent before a reconnect).
+        while not arrived and (remaining := probe_deadline - time.monotonic()) > 0:
+            try:
+                message = subscriber.get(timeout=remaining)
+            except queue.Empty:
+                break
+            arrived = message.topic == topic and message.payload == b"probe"
+    if not arrived:
         raise AssertionError(f"no route for {topic} within {timeout} s")
     # Messages on one path keep their order, so once a fence published after the probes
     # arrives, no probe is still in flight.
@@ -214,3 +224,280 @@ def await_route(publisher: Publisher, subscriber: Subscriber, topic: str, timeou
         pass
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+# ---------------------------------------------------------------------------------------
+# More helpers for the integration suite
+
+
+def write_config(path: Path, text: str) -> Path:
+    """Write a TOML config file (the node's name, cert and ports come from flags)."""
+    path.write_text(text)
+    return path
+
+
+def load_keys(path: Path) -> tuple[bytes, bytes | None]:
+    """(public, secret) z85 keys of a certificate file (secret is None for a ``.key``)."""
+    public, secret = zmq.auth.load_certificate(str(path))
+    return public, secret
+
+
+def is_probe(message: mqtt.MQTTMessage) -> bool:
+    """A leftover of ``await_route`` (another subscriber's probes may still be in flight)."""
+    return message.payload == b"probe" or message.payload.startswith(b"fence-")
+
+
+def collect(subscriber: Subscriber, count: int, timeout: float = 10,
+            skip_probes: bool = True) -> list[mqtt.MQTTMessage]:
+    """The next ``count`` messages (route probes skipped), failing if they do not all
+    arrive within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    out: list[mqtt.MQTTMessage] = []
+    while len(out) < count:
+        remaining = deadline - time.monotonic()
+        try:
+            message = subscriber.get(timeout=max(remaining, 0.001))
+            if not (skip_probes and is_probe(message)):
+                out.append(message)
+        except queue.Empty:
+            raise AssertionError(
+                f"got {len(out)} of {count} messages within {timeout} s: "
+                f"{[(m.topic, m.payload[:40]) for m in out]}"
+            ) from None
+    return out
+
+
+def get_until(subscriber: Subscriber, predicate: Callable[[mqtt.MQTTMessage], bool],
+              timeout: float = 10, what: str = "a matching message") -> tuple[mqtt.MQTTMessage, list[mqtt.MQTTMessage]]:
+    """Read messages until one satisfies ``predicate``; returns it and those before it."""
+    deadline = time.monotonic() + timeout
+    before: list[mqtt.MQTTMessage] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            message = subscriber.get(timeout=max(remaining, 0.001))
+        except queue.Empty:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
+        if predicate(message):
+            return message, before
+        before.append(message)
+
+
+QUIET = 1.0  # how long an absence check listens, after a positive control has passed
+
+
+def assert_quiet(*subscribers: Subscriber, timeout: float = QUIET, what: str = "") -> None:
+    """Nothing more arrives at any of ``subscribers`` within ``timeout`` (one shared window)."""
+    time.sleep(timeout)  # an absence check: a bounded wait is all there is to wait on
+    for subscriber in subscribers:
+        extra = [m for m in subscriber.drain() if not is_probe(m)]
+        assert not extra, f"unexpected messages {what}: {[(m.topic, m.payload[:60]) for m in extra]}"
+
+
+class PeersWatch(Subscriber):
+    """A subscriber to a node's ``$SYS/zmesh/peers``: the current value, then every change."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port, "$SYS/zmesh/peers")
+
+    def wait_for(self, condition: Callable[[dict[str, dict[str, Any]]], bool], timeout: float = 10,
+                 what: str = "peers") -> tuple[dict[str, dict[str, Any]], float]:
+        """Wait for a peers value (name -> entry) satisfying ``condition``; returns it and
+        the monotonic time it arrived."""
+        message, _ = get_until(self, lambda m: condition(_by_name(m.payload)), timeout, what)
+        return _by_name(message.payload), time.monotonic()
+
+
+def _by_name(payload: bytes) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in json.loads(payload)}
+
+
+def zmesh_cli(*args: str, timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run the ``zmesh`` command to completion."""
+    return subprocess.run([sys.executable, "-m", "zmesh", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, **kwargs)
+
+
+def zmesh_popen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "zmesh", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def publish_until_exit(process: subprocess.Popen[str], publish: Callable[[int], None],
+                       timeout: float = 15, interval: float = 0.3) -> tuple[str, str]:
+    """Publish (attempt ``i``) until the subscribing ``process`` exits, e.g. after ``-C 1``.
+
+    The subscription of a freshly started command-line client reaches the publishing node
+    asynchronously, so the publisher repeats until the subscriber has what it waits for."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    try:
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"subscriber did not exit within {timeout} s")
+            attempt += 1
+            publish(attempt)
+            try:
+                process.wait(interval)
+            except subprocess.TimeoutExpired:
+                pass
+        out, err = process.communicate(timeout=5)
+        return out, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Raw MQTT packets, built by hand (independent of zmesh's codec)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str16(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return len(b).to_bytes(2, "big") + b
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + _varint(len(body)) + body
+
+
+def connect_packet(client_id: str, keepalive: int = 30, clean: bool = True, level: int = 4,
+                   will: tuple[str, bytes, int, bool] | None = None) -> bytes:
+    """An MQTT 3.1.1 CONNECT (``level`` may be set to anything to test refusals)."""
+    flags = 0x02 if clean else 0
+    payload = _str16(client_id)
+    if will is not None:
+        topic, message, qos, retain = will
+        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        payload += _str16(topic) + _str16(message)
+    body = _str16("MQTT") + bytes((level, flags)) + keepalive.to_bytes(2, "big") + payload
+    return packet(0x10, body)
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0,
+                   dup: bool = False, retain: bool = False) -> bytes:
+    first = 0x30 | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
+    body = _str16(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload
+    return packet(first, body)
+
+
+DISCONNECT = b"\xe0\x00"
+
+
+class RawMQTT:
+    """A TCP socket to a node's MQTT listener, for sending what no real client would."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_packet(self, timeout: float = 5) -> tuple[int, bytes]:
+        """The next packet as (first byte, body)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self._buffer) >= 2:
+                length, shift, pos = 0, 0, 1
+                while pos < len(self._buffer):
+                    byte = self._buffer[pos]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    pos += 1
+                    if not byte & 0x80:
+                        if len(self._buffer) >= pos + length:
+                            first, body = self._buffer[0], self._buffer[pos:pos + length]
+                            self._buffer = self._buffer[pos + length:]
+                            return first, body
+                        break
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed by the node")
+            self._buffer += chunk
+
+    def connect(self, client_id: str, **kwargs: Any) -> bytes:
+        """CONNECT and return the CONNACK body (asserting it is a CONNACK)."""
+        self.send(connect_packet(client_id, **kwargs))
+        first, body = self.read_packet()
+        assert first == 0x20, f"expected CONNACK, got first byte {first:#x}"
+        return body
+
+    def closed_within(self, timeout: float) -> tuple[bool, bytes]:
+        """Read until the node closes the connection; (closed?, bytes read meanwhile)."""
+        deadline = time.monotonic() + timeout
+        data = self._buffer
+        self._buffer = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False, data
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return False, data
+            except ConnectionResetError:
+                return True, data
+            if not chunk:
+                return True, data
+            data += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawMQTT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Talking to a node's control socket as a (trusted or not) CURVE client
+
+
+def control_request(port: int, server_public: bytes, client_public: bytes, client_secret: bytes,
+                    data: bytes, timeout: float = 5) -> bytes | None:
+    """Send ``data`` on a CURVE DEALER to a node's control port; its reply, or None."""
+    context = zmq.Context()
+    try:
+        dealer = context.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.curve_publickey = client_public
+        dealer.curve_secretkey = client_secret
+        dealer.curve_serverkey = server_public
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(data)
+        if dealer.poll(int(timeout * 1000)):
+            return dealer.recv()
+        return None
+    finally:
+        context.destroy(linger=0)
+
+
+def stop_all(nodes: list[NodeProcess]) -> None:
+    """Stop every node (SIGTERM); then fail if one did not exit 0 or logged a traceback.
+
+    Nodes a test killed on purpose (SIGKILL) are only checked for tracebacks."""
+    problems = []
+    for node in nodes:
+        killed = node.process.returncode == -signal.SIGKILL
+        code = node.stop()
+        if not killed and code != 0:
+            problems.append(f"node {node.name} exited {code} (log: {node.log_path})")
+    for node in nodes:
+        if "Traceback" in node.log_path.read_text(errors="replace"):
+            problems.append(f"node {node.name} logged a traceback (log: {node.log_path})")
+    assert not problems, "; ".join(sorted(set(problems)))
