@@ -21,7 +21,9 @@ app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, add_completion
 node_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="Run a node.")
 certs_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="CURVE certificates.")
 app.add_typer(node_app, name="node")
+keys_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="Keys for encryption at rest.")
 app.add_typer(certs_app, name="certs")
+app.add_typer(keys_app, name="keys")
 
 EXIT_TIMEOUT = 27  # what mosquitto_sub -W returns
 
@@ -112,15 +114,17 @@ def node_run(
 
     from zmesh import daemon
     from zmesh.certs import CertError
+    from zmesh.keys import KeyFileError
+    from zmesh.store import StoreError
 
     flags = dict(locals())
-    for local in ("config", "ready_file", "zmq", "daemon", "CertError"):
+    for local in ("config", "ready_file", "zmq", "daemon", "CertError", "KeyFileError", "StoreError"):
         flags.pop(local, None)
     node_config = _node_config(config, flags)
     daemon.setup_logging(node_config.log.level)
     try:
         asyncio.run(daemon.run(node_config, ready_file))
-    except (CertError, ValueError, OSError) as exc:
+    except (CertError, KeyFileError, StoreError, ValueError, OSError) as exc:
         raise fail(str(exc)) from None
     except zmq.ZMQError as exc:
         raise fail(f"mesh socket: {exc} (is {node_config.mesh.listen} free?)") from None
@@ -189,6 +193,21 @@ def certs_list(directory: Annotated[Path, typer.Option("--dir", "-d")] = Path("c
         raise fail(str(exc)) from None
     for cert_name, key, has_secret in found:
         typer.echo(f"{cert_name:20} {key.decode()}  {'secret' if has_secret else 'public only'}")
+
+
+@keys_app.command("create")
+def keys_create(
+    path: Path,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key file.")] = False,
+) -> None:
+    """Create an AES-256 key file (mode 0600) for store.key_file."""
+    from zmesh.keys import KeyFileError, create_key_file
+
+    try:
+        create_key_file(path, force=force)
+    except KeyFileError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"created {path} (mode 0600); set [store] key_file = \"{path}\"")
 
 
 # ---------------------------------------------------------------------------- pub / sub

@@ -42,6 +42,14 @@ async def run(config: NodeConfig, ready_file: str | None = None) -> None:
             log.error("reload refused, keeping the old trusted keys: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def dump_topics() -> None:
+        # As Mosquitto does on SIGUSR2: the retained topic tree, into the log.
+        from zmesh.topictree import render_tree
+
+        log.info("retained topics of %s:\n%s", node.name, render_tree(node.retained_topics()))
+
+    loop.add_signal_handler(signal.SIGUSR2, dump_topics)
     await node.start()
     try:
         if ready_file:

@@ -153,7 +153,7 @@ async def _check_seed(
     context = zmq.asyncio.Context()
     sockets = {}
     try:
-        hello = wire.encode_control(wire.HELLO, wire.Hello(name, wire.WIRE_VERSION, 0, 1, 1, 1))
+        hello = wire.encode_control(wire.PROBE)  # a probe: the seed answers but does not link us
         endpoint = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         poller = zmq.asyncio.Poller()
         for key in ring.keys():

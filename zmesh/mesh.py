@@ -44,7 +44,9 @@ FLUSH_COUNT = 1024
 FLUSH_BYTES = 256 * 1024
 # How often the liveness loop runs, and how fast an unanswered peer is re-hailed.
 TICK = 0.05
-RETRY_HELLO = 0.2
+# A hello sent before the CURVE handshake completes is dropped (IMMEDIATE), so an
+# unanswered peer is re-hailed often; it costs nothing on the wire until it connects.
+RETRY_HELLO = 0.05
 MAX_FRAMES_PER_WAKEUP = 256
 BYE_LINGER_MS = 200
 SYNC_TIMEOUT = 10.0  # a sync unanswered this long is asked again
@@ -144,6 +146,7 @@ class Mesh:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned: set[str] = set()
+        self._own_hosts: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +154,7 @@ class Mesh:
         self._loop = asyncio.get_running_loop()
         host = self.listen.rpartition(":")[0] or "0.0.0.0"
         self.router, self.control_port = self.transport.server(zmq.ROUTER, self.listen)
+        self._own_hosts = _local_addresses(host)
         self._bind_pub(host)
         self.pull, self.pull_port = self.transport.server(zmq.PULL, f"{host}:0")
         self._tasks = [
@@ -202,6 +206,8 @@ class Mesh:
 
     def found(self, hint: Hint) -> None:
         """A discovery provider says a peer may be at ``hint``: dial it, trusting nothing yet."""
+        if hint.port == self.control_port and hint.host in self._own_hosts:
+            return  # ourselves (a headless Service name resolves to our own pod too)
         if hint.key is None:
             if not any((p.host, p.control_port) == (hint.host, hint.port) for p in self.membership.peers.values()):
                 self.add_seed(hint.host, hint.port)
@@ -221,8 +227,13 @@ class Mesh:
         self._link_to(hint.key, hint.host, hint.port)
 
     def lost(self, hint: Hint) -> None:
-        """A peer said goodbye (mDNS): down now, not after the expiry."""
-        if hint.key is not None and hint.key in self.links:
+        """A peer said goodbye (mDNS), or an address left DNS: down now / stop dialling it."""
+        if hint.key is None:
+            probe = self.probes.get((hint.host, hint.port))
+            if probe is not None:
+                probe.cancel()  # a pod that left the Service: no need to dial it forever
+            return
+        if hint.key in self.links:
             for event in self.membership.force_down(hint.key, time.monotonic()):
                 self._apply(event, f"said goodbye ({hint.source})")
 
@@ -408,6 +419,9 @@ class Mesh:
                 continue
             if message.kind == wire.SYNC and message.digests is not None:
                 await self._answer_sync(ident.bytes, message, router)
+                continue
+            if message.kind == wire.PROBE:  # zmesh doctor: answer, but it is no peer
+                await router.send_multipart([ident.bytes, wire.encode_control(wire.WELCOME, self._hello())])
                 continue
             if message.kind == wire.BYE:
                 if key in self.links:
@@ -644,6 +658,17 @@ def _try_send(sock: zmq.asyncio.Socket, data: bytes) -> bool:
         return True
     except zmq.Again:
         return False  # handshake not done (IMMEDIATE) or peer gone: the next tick retries
+
+
+def _local_addresses(listen_host: str) -> set[str]:
+    from zmesh.discovery import netif
+
+    hosts = {listen_host, "127.0.0.1", "localhost"}
+    for name in netif.interfaces():
+        network = netif.interface_network(name)
+        if network is not None:
+            hosts.add(str(network.ip))
+    return hosts
 
 
 async def _resolve(host: str) -> str:

@@ -340,8 +340,11 @@ class Node:
         mesh = self.mesh
         if retain:
             item, durable = self.replica.write_local(topic, payload, qos, properties)
-            if item is not None and mesh is not None and encoded:
-                mesh.publish_retained(encoded, item)
+            if mesh is not None and encoded:
+                if item is not None:
+                    mesh.publish_retained(encoded, item)
+                else:  # not retained here (limits): still delivered live, as any publish
+                    mesh.publish(encoded, wire.encode_item(payload, qos, False, 0, properties), len(payload))
             return durable
         if mesh is not None and encoded:
             if qos or properties:
@@ -506,6 +509,13 @@ class Node:
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "control_port": self.mesh.control_port if self.mesh else None,
                 "stats": {**self.stats, **(self.mesh.stats if self.mesh else {})},
+                "retained": {
+                    "entries": len(self.replica.cache),
+                    "bytes": self.replica.cache.live_bytes,
+                    "refused_total": self.replica.refused_total,
+                    "store_errors_total": self.replica.store_errors_total,
+                    "durable": self.replica.store is not None,
+                },
             }
         return json.dumps(value).encode()
 

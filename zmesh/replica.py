@@ -73,9 +73,13 @@ class RetainedReplica:
             )
             entries = await asyncio.to_thread(self.store.load)
             now = _now_ms()
-            for entry in entries:
-                self.clock.observe(entry.timestamp)
-                self.cache.merge(entry, now)
+            for stored in entries:
+                self.clock.observe(stored.timestamp)
+                self.cache.merge(
+                    RetainedEntry(stored.topic, stored.payload, stored.qos, stored.origin,
+                                  stored.timestamp, stored.properties, stored.expires_at),
+                    now,
+                )
             log.info(
                 "retained store %s: %d entries loaded (%d live)%s",
                 path, len(entries), len(self.cache), ", encrypted" if self.store.encrypted else "",
@@ -150,12 +154,18 @@ class RetainedReplica:
         if not batch and not deletes:
             return
         try:
+            recovered = self.store.recovered_from
             if batch:
                 # Later writes to one topic supersede earlier ones in the same batch.
                 latest = {entry.topic: entry for entry, _ in batch}
                 await asyncio.to_thread(self.store.put_many, list(latest.values()))
             if deletes:
                 await asyncio.to_thread(self.store.delete_many, deletes)
+            if self.store.recovered_from != recovered:
+                # The file went bad under us and was replaced by an empty one: save all we hold.
+                await asyncio.to_thread(self.store.put_many, list(self.cache.all()))
+            if self.store_config.sync == "interval":
+                await asyncio.to_thread(self.store.flush)  # one fsync per interval
         except Exception as exc:  # the disk failed us: say so, keep serving from memory
             self.store_errors_total += 1
             log.error("retained store write failed (%d entries): %s", len(batch), exc)

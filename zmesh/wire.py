@@ -208,6 +208,7 @@ HELLO = "hello"
 WELCOME = "welcome"
 REFUSED = "refused"
 BYE = "bye"  # a clean shutdown: mark me down now, not after the expiry
+PROBE = "probe"  # "who are you?" from zmesh doctor: answered with a welcome, never a member
 SYNC = "sync"  # "here are my retained bucket digests": answered with SYNC_DATA
 SYNC_DATA = "syncdata"  # entries of the buckets that differ, in chunks; the last says so
 SYNC_CHUNK = 2000  # entries per SYNC_DATA message

@@ -55,12 +55,18 @@ class DnsDiscovery:
             if (address, port) not in self._seen:
                 log.info("DNS: %s has %s:%d", self.name, address, port)
             self.sink.found(Hint(address, port, None, None, "dns"))
-        self._seen = set(found)
+        if found:  # a failed lookup says nothing about who left
+            for address, port in self._seen - set(found):
+                log.info("DNS: %s no longer has %s:%d", self.name, address, port)
+                self.sink.lost(Hint(address, port, None, None, "dns"))
+            self._seen = set(found)
         return found
 
     async def _srv(self) -> list[tuple[str, int]]:
         try:
-            answer = await dns.asyncresolver.resolve(f"_zmesh._tcp.{self.name}", "SRV", lifetime=2.0)
+            # Short: where no server answers (no port-unreachable reaches asyncio UDP) this
+            # wait delays every poll; cluster DNS answers in milliseconds.
+            answer = await dns.asyncresolver.resolve(f"_zmesh._tcp.{self.name}", "SRV", lifetime=0.5)
         except (dns.exception.DNSException, OSError):
             return []  # no SRV records: the A records and the configured port it is
         return [(str(r.target).rstrip("."), int(r.port)) for r in answer]  # type: ignore[attr-defined]
