@@ -65,6 +65,11 @@ class Subscription:
     def __init__(self, node: Node, filt: str, qos: int, maxsize: int) -> None:
         self.node, self.filter, self.qos, self.maxsize = node, filt, qos, maxsize
         self.dropped = 0
+        # Past `_high` buffered messages the node's mesh readers slow down (mesh.CONGESTION_DELAY
+        # between bursts) until the consumer is back under `_low`: a burst waits in ZeroMQ's
+        # queue instead of being dropped.
+        self._high, self._low = maxsize // 2, maxsize // 4
+        self._behind = False
         self._buffer: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -95,6 +100,9 @@ class Subscription:
             payloads = payloads[: max(room, 0)]
         new = tuple.__new__  # Message(...) costs a Python-level __new__ per message
         self._buffer.extend([new(Message, (topic, p, 0, False, origin, None)) for p in payloads])
+        if len(self._buffer) > self._high and not self._behind:
+            self._behind = True
+            self.node._behind.add(self)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -110,6 +118,9 @@ class Subscription:
                 raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        if self._behind and len(self._buffer) < self._low:
+            self._behind = False
+            self.node._caught_up(self)
         return self._buffer.popleft()
 
     async def get(self, timeout: float | None = None) -> Message:
@@ -117,6 +128,9 @@ class Subscription:
         return await asyncio.wait_for(self.__anext__(), timeout)
 
     def close(self) -> None:
+        if self._behind:
+            self._behind = False
+            self.node._caught_up(self)
         if not self._closed:
             self._closed = True
             self.node._unsubscribe_all(self)
@@ -180,6 +194,7 @@ class Node:
         self.discovery: list[Any] = []
         self._closed = asyncio.Event()
         self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
+        self._behind: set[Subscription] = set()  # API subscriptions more than half full
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -206,6 +221,7 @@ class Node:
             on_event=self._on_mesh_event,
             on_peer=self._on_peer,
             replica=self.replica,
+            congested=lambda: bool(self._behind),
             anti_entropy_interval=self.config.retained.anti_entropy_interval,
         )
         try:
@@ -420,6 +436,9 @@ class Node:
             payload, qos, _retain, _timestamp, properties = cast(wire.Item, item)
             for subscriber, granted in targets:
                 subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
+
+    def _caught_up(self, subscription: Subscription) -> None:
+        self._behind.discard(subscription)
 
     def _on_peer(self, event: PeerEvent) -> None:
         self._refresh_sys(SYS_PEERS)
