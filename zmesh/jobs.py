@@ -1,0 +1,213 @@
+"""Work-queue bookkeeping on the submitting node. Pure: no I/O, ``now`` passed in.
+
+A job is held by the node it was submitted on until a worker acknowledges it. That node
+dispatches jobs to worker nodes with credit: a worker serving a queue advertises how many
+jobs it will hold at once (its prefetch), and is never sent more than that outstanding, so
+a slow or busy worker is not flooded and an idle one anywhere gets work. A job whose lease
+runs out (the worker died, or took too long without extending) is counted as lost there
+and delivered again; after ``max_attempts`` deliveries, or on a nack that says so, it goes
+to the dead letters with the reason.
+
+Invariant (property-tested): every job submitted is, at any moment, in exactly one of
+pending, in flight, done or dead; none is ever lost or duplicated in this bookkeeping.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    id: str
+    queue: str
+    payload: bytes
+    submitted_at: float
+    attempts: int = 0  # deliveries so far
+    worker: str | None = None  # in flight at this worker
+    deadline: float = 0.0  # lease end while in flight
+    last_error: str = ""
+
+
+@dataclass
+class Worker:
+    key: str
+    queue: str
+    prefetch: int
+    outstanding: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.prefetch - len(self.outstanding))  # prefetch may shrink
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    RETRY = "retry"  # back to pending, to be delivered again
+    DEAD = "dead"  # out of attempts: to the dead-letter topic
+    UNKNOWN = "unknown"  # an ack for a job not in flight there (late, duplicate): ignored
+
+
+@dataclass
+class QueueStats:
+    depth: int = 0  # pending
+    in_flight: int = 0
+    oldest_age: float = 0.0  # seconds since the oldest unfinished job was submitted
+    redeliveries_total: int = 0
+    dead_total: int = 0
+    done_total: int = 0
+
+
+class Dispatcher:
+    def __init__(self, lease: float = 30.0, max_attempts: int = 5) -> None:
+        self.lease, self.max_attempts = lease, max_attempts
+        self.pending: dict[str, deque[str]] = {}  # queue -> job ids, oldest first
+        self.jobs: dict[str, Job] = {}  # every unfinished job
+        self.workers: dict[tuple[str, str], Worker] = {}  # (worker key, queue)
+        self.redeliveries: dict[str, int] = {}
+        self.dead: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, job: Job) -> bool:
+        """Accept a job; False if one with this id is already unfinished (idempotent)."""
+        if job.id in self.jobs:
+            return False
+        self.jobs[job.id] = job
+        self.pending.setdefault(job.queue, deque()).append(job.id)
+        return True
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_up(self, key: str, queue: str, prefetch: int) -> None:
+        """A node serves ``queue`` with ``prefetch`` slots (again, after a restart: whatever
+        it held before is treated as lost via ``worker_down`` first)."""
+        worker = self.workers.get((key, queue))
+        if worker is None:
+            self.workers[(key, queue)] = Worker(key, queue, max(1, prefetch))
+        else:
+            worker.prefetch = max(1, prefetch)
+
+    def worker_down(self, key: str, now: float) -> list[tuple[Job, Outcome]]:
+        """A worker node is gone: its jobs go back to pending (or dead, out of attempts)."""
+        results = []
+        for (worker_key, _queue), worker in list(self.workers.items()):
+            if worker_key != key:
+                continue
+            for job_id in list(worker.outstanding):
+                results.append(self._lost(self.jobs[job_id], "worker went away"))
+            del self.workers[(worker_key, _queue)]
+        return results
+
+    # ------------------------------------------------------------------ dispatching
+
+    def dispatch(self, now: float) -> list[tuple[Job, str]]:
+        """Pending jobs matched to workers with free credit: (job, worker key) to send now.
+
+        Each job goes to the worker of its queue with the most free slots, so work spreads
+        by capacity: a worker that finishes faster frees slots faster and gets more."""
+        sends = []
+        for queue, waiting in self.pending.items():
+            if not waiting:
+                continue
+            candidates = [w for w in self.workers.values() if w.queue == queue and w.free > 0]
+            while waiting and candidates:
+                worker = max(candidates, key=lambda w: w.free)
+                job = self.jobs[waiting.popleft()]
+                job.attempts += 1
+                job.worker, job.deadline = worker.key, now + self.lease
+                worker.outstanding.add(job.id)
+                sends.append((job, worker.key))
+                if worker.free == 0:
+                    candidates.remove(worker)
+        return sends
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _in_flight_at(self, job_id: str, worker_key: str) -> Job | None:
+        job = self.jobs.get(job_id)
+        if job is None or job.worker != worker_key:
+            return None
+        return job
+
+    def _release(self, job: Job) -> None:
+        worker = self.workers.get((job.worker or "", job.queue))
+        if worker is not None:
+            worker.outstanding.discard(job.id)
+        job.worker = None
+
+    def acked(self, job_id: str, worker_key: str) -> tuple[Job | None, Outcome]:
+        job = self._in_flight_at(job_id, worker_key)
+        if job is None:
+            return None, Outcome.UNKNOWN
+        self._release(job)
+        del self.jobs[job_id]
+        self.done[job.queue] = self.done.get(job.queue, 0) + 1
+        return job, Outcome.DONE
+
+    def nacked(self, job_id: str, worker_key: str, reason: str, retry: bool = True) -> tuple[Job | None, Outcome]:
+        """The worker failed the job: deliver it again (elsewhere, most likely) while
+        attempts remain, else (or with ``retry=False``) it is dead."""
+        job = self._in_flight_at(job_id, worker_key)
+        if job is None:
+            return None, Outcome.UNKNOWN
+        if not retry:
+            job.attempts = self.max_attempts
+        return self._lost(job, reason)
+
+    def extend(self, job_id: str, worker_key: str, seconds: float, now: float) -> bool:
+        job = self._in_flight_at(job_id, worker_key)
+        if job is None:
+            return False
+        job.deadline = max(job.deadline, now + seconds)
+        return True
+
+    def expire(self, now: float) -> list[tuple[Job, Outcome]]:
+        """Jobs whose lease ran out: retried or dead."""
+        late = [j for j in self.jobs.values() if j.worker is not None and j.deadline <= now]
+        return [self._lost(job, f"lease of {self.lease:g} s expired at worker") for job in late]
+
+    def _lost(self, job: Job, reason: str) -> tuple[Job, Outcome]:
+        self._release(job)
+        job.last_error = reason
+        if job.attempts >= self.max_attempts:
+            del self.jobs[job.id]
+            self.dead[job.queue] = self.dead.get(job.queue, 0) + 1
+            return job, Outcome.DEAD
+        self.redeliveries[job.queue] = self.redeliveries.get(job.queue, 0) + 1
+        self.pending.setdefault(job.queue, deque()).appendleft(job.id)  # first in line again
+        return job, Outcome.RETRY
+
+    # ------------------------------------------------------------------ metrics
+
+    def stats(self, queue: str, now: float) -> QueueStats:
+        unfinished = [j for j in self.jobs.values() if j.queue == queue]
+        return QueueStats(
+            depth=len(self.pending.get(queue, ())),
+            in_flight=sum(1 for j in unfinished if j.worker is not None),
+            oldest_age=max((now - j.submitted_at for j in unfinished), default=0.0),
+            redeliveries_total=self.redeliveries.get(queue, 0),
+            dead_total=self.dead.get(queue, 0),
+            done_total=self.done.get(queue, 0),
+        )
+
+
+class RecentIds:
+    """Job ids a worker completed recently, with their results, so a redelivered duplicate
+    is answered again without being run twice (bounded: oldest forgotten first)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, job_id: str) -> bytes | None:
+        return self._seen.get(job_id)
+
+    def add(self, job_id: str, result: bytes) -> None:
+        self._seen[job_id] = result
+        self._seen.move_to_end(job_id)
+        while len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
