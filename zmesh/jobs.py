@@ -125,6 +125,15 @@ class Dispatcher:
                     candidates.remove(worker)
         return sends
 
+    def undo_dispatch(self, job: Job) -> None:
+        """The send did not happen (the worker's socket was not ready): first in line again,
+        and that delivery does not count as an attempt."""
+        if job.worker is None or job.id not in self.jobs:
+            return
+        self._release(job)
+        job.attempts -= 1
+        self.pending.setdefault(job.queue, deque()).appendleft(job.id)
+
     # ------------------------------------------------------------------ outcomes
 
     def _in_flight_at(self, job_id: str, worker_key: str) -> Job | None:

@@ -73,7 +73,7 @@ class Replica(Protocol):
 class _Link:
     """Our sockets towards one peer, and how far we have its retained state."""
 
-    __slots__ = ("peer", "dealer", "reader", "sub", "sub_reader", "tasks", "last_hello",
+    __slots__ = ("peer", "dealer", "reader", "sub", "sub_reader", "push", "tasks", "last_hello",
                  "synced_upto", "max_seen", "sync_pending", "last_sync")
 
     def __init__(self, peer: Peer, dealer: zmq.asyncio.Socket) -> None:
@@ -82,6 +82,7 @@ class _Link:
         self.reader: asyncio.Task[None] | None = None  # the task reading `dealer`
         self.sub: zmq.asyncio.Socket | None = None
         self.sub_reader: _EventReader | None = None  # reads `sub`
+        self.push: zmq.asyncio.Socket | None = None  # jobs to the peer's PULL, made on first use
         self.tasks: list[asyncio.Task[None]] = []
         self.last_hello = 0.0
         self.reset_sync()
@@ -153,6 +154,11 @@ class Mesh:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned: set[str] = set()
         self._own_hosts: set[str] = set()
+        # Work queues (zmesh.jobqueue wires these): what we serve, and where jobs go.
+        self.local_queues: dict[str, int] = {}
+        self.on_hello: Callable[[str, wire.Hello], None] | None = None
+        self.on_job: Callable[[str, bytes], None] | None = None
+        self.on_job_report: Callable[[str, wire.ControlMessage], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,6 +172,7 @@ class Mesh:
         self._tasks = [
             asyncio.create_task(self._read_control(), name="mesh-control"),
             asyncio.create_task(self._liveness(), name="mesh-liveness"),
+            asyncio.create_task(self._read_jobs(), name="mesh-jobs"),
         ]
         log.info(
             "mesh listening: control %s:%d, events %d, jobs %d",
@@ -259,6 +266,7 @@ class Mesh:
             pull_port=self.pull_port,
             host=self.advertise_host,
             peers=known,
+            queues=tuple(sorted(self.local_queues.items())),
         )
 
     async def _probe(self, host: str, port: int) -> None:
@@ -349,6 +357,8 @@ class Mesh:
     def _observe(self, key: str, hello: wire.Hello) -> None:
         for event in self.membership.observe(key, hello, time.monotonic()):
             self._apply(event)
+        if self.on_hello is not None:
+            self.on_hello(key, hello)
         for peer_key, host, port in hello.peers:
             if peer_key != self.own_key and peer_key not in self.links:
                 if peer_key.encode() in self.transport.ring:
@@ -393,6 +403,9 @@ class Mesh:
         link.sub_reader = _EventReader(self, link, sub)
 
     def _close_sub(self, link: _Link) -> None:
+        if link.push is not None:  # its ports may change with the peer's incarnation
+            link.push.close(linger=0)
+            link.push = None
         if link.sub_reader is not None:
             link.sub_reader.close()
             link.sub_reader = None
@@ -449,6 +462,10 @@ class Mesh:
             if message.kind == wire.SYNC and message.digests is not None:
                 await self._answer_sync(ident.bytes, message, router)
                 continue
+            if message.kind in (wire.JOB_DONE, wire.JOB_EXTEND):
+                if self.on_job_report is not None and key in self.links:
+                    self.on_job_report(key, message)
+                continue
             if message.kind == wire.PROBE:  # zmesh doctor: answer, but it is no peer
                 await router.send_multipart([ident.bytes, wire.encode_control(wire.WELCOME, self._hello())])
                 continue
@@ -491,6 +508,9 @@ class Mesh:
                 self._observe(link.peer.key, message.hello)
             elif message.kind == wire.SYNC_DATA and message.entries is not None:
                 self._on_sync_data(link, message)
+                # recv() does not suspend while chunks are waiting: without this a joiner
+                # merging 100,000 entries kept its loop (heartbeats, MQTT) stalled for ~3 s.
+                await asyncio.sleep(0)
 
     def _decode_or_warn(self, data: bytes, source: str) -> wire.ControlMessage | None:
         try:
@@ -592,6 +612,32 @@ class Mesh:
             send(encode(topic, items), zmq.NOBLOCK)
         self.stats["frames_out"] += len(pending)
 
+    # ------------------------------------------------------------------ jobs
+
+    def send_job(self, key: str, frame: bytes) -> bool:
+        """A job to a peer's PULL socket; False if it cannot be queued now."""
+        link = self.links.get(key)
+        if link is None or link.peer.hello is None or link.peer.state not in MEMBER_STATES:
+            return False
+        if link.push is None:
+            link.push = self.transport.client(zmq.PUSH, key.encode())
+            link.push.connect(link.peer.endpoint(link.peer.hello.pull_port))
+        return _try_send(link.push, frame)
+
+    def send_report(self, key: str, data: bytes) -> bool:
+        """A job report to the node that submitted the job (over our DEALER to it)."""
+        link = self.links.get(key)
+        return link is not None and _try_send(link.dealer, data)
+
+    async def _read_jobs(self) -> None:
+        pull = self.pull
+        assert pull is not None
+        while True:
+            frame = await pull.recv(copy=False)
+            key = str(frame.get("User-Id"))  # the submitter, as ZAP authenticated it
+            if self.on_job is not None and key.encode() in self.transport.ring:
+                self.on_job(key, frame.bytes)
+
     # ------------------------------------------------------------------ retained replication
 
     def request_sync(self, link: _Link) -> None:
@@ -647,6 +693,7 @@ class Mesh:
         for index, chunk in enumerate(chunks):
             data = wire.encode_sync_data(chunk, index == len(chunks) - 1, seq)
             await router.send_multipart([ident, data])  # waits at the high-water mark
+            await asyncio.sleep(0)  # heartbeats and MQTT clients run between chunks
 
     # ------------------------------------------------------------------ events in
 

@@ -27,7 +27,8 @@ from typing import Any, NamedTuple, cast
 from zmesh import topics, wire
 from zmesh.certs import KeyRing, load_secret_certificate
 from zmesh.config import NodeConfig, load_config, parse_hostport
-from zmesh.membership import Peer, PeerEvent
+from zmesh.jobqueue import JobHandle, JobService, WorkQueue
+from zmesh.membership import EventKind, Peer, PeerEvent
 from zmesh.mesh import Mesh
 from zmesh.replica import RetainedReplica
 from zmesh.routing import LocalRouter, Subscriber
@@ -192,6 +193,7 @@ class Node:
         self.mesh: Mesh | None = None
         self.mqtt_server: Any = None
         self.discovery: list[Any] = []
+        self.jobs = JobService(self)
         self._closed = asyncio.Event()
         self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
         self._behind: set[Subscription] = set()  # API subscriptions more than half full
@@ -230,6 +232,7 @@ class Node:
                 host, port = parse_hostport(seed)
                 self.mesh.add_seed(host, port)
             await self._start_discovery(public.decode())
+            self.jobs.start(public.decode())
             if self.config.mqtt.listen:
                 from zmesh.mqtt.server import MQTTServer
 
@@ -275,6 +278,7 @@ class Node:
             self.discovery.append(dns)
 
     async def stop(self) -> None:
+        await self.jobs.stop()
         if self.mqtt_server is not None:
             await self.mqtt_server.stop()
             self.mqtt_server = None
@@ -441,9 +445,26 @@ class Node:
         self._behind.discard(subscription)
 
     def _on_peer(self, event: PeerEvent) -> None:
+        if event.kind in (EventKind.DOWN, EventKind.RESTARTED):
+            self.jobs.peer_gone(event.peer.key)
         self._refresh_sys(SYS_PEERS)
         changed, self._peer_change = self._peer_change, asyncio.Event()
         changed.set()
+
+    # ------------------------------------------------------------------ work queues
+
+    async def submit(self, queue: str, payload: bytes | str, job_id: str | None = None) -> JobHandle:
+        """Submit a job to ``queue``: done once by one worker somewhere in the mesh.
+
+        ``await handle.result()`` gives the worker's result (JobFailed if it ended in the
+        dead letters, ``$jobs/dead/<queue>``). A repeated ``job_id`` is the same job."""
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        return self.jobs.submit(queue, data, job_id)
+
+    def work(self, queue: str, prefetch: int = 1) -> WorkQueue:
+        """Serve ``queue`` on this node: ``async for job in node.work(q): ... await job.ack()``.
+        At most ``prefetch`` jobs are held here at once."""
+        return self.jobs.work(queue, prefetch)
 
     # ------------------------------------------------------------------ subscribing
 

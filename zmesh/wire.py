@@ -202,12 +202,16 @@ class Hello:
     host: str | None = None
     # (public key z85, host, control port) of peers this node knows: peer exchange.
     peers: tuple[tuple[str, str, int], ...] = field(default_factory=tuple)
+    # (queue name, prefetch) of the work queues this node has workers for
+    queues: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
 
 HELLO = "hello"
 WELCOME = "welcome"
 REFUSED = "refused"
 BYE = "bye"  # a clean shutdown: mark me down now, not after the expiry
+JOB_DONE = "jobdone"  # worker -> submitter: a job finished (ok, or failed with a reason)
+JOB_EXTEND = "jobext"  # worker -> submitter: still working, extend the lease
 PROBE = "probe"  # "who are you?" from zmesh doctor: answered with a welcome, never a member
 SYNC = "sync"  # "here are my retained bucket digests": answered with SYNC_DATA
 SYNC_DATA = "syncdata"  # entries of the buckets that differ, in chunks; the last says so
@@ -236,6 +240,7 @@ def encode_control(kind: str, hello: Hello | None = None, reason: str = "") -> b
             pl=hello.pull_port,
             h=hello.host,
             ps=[list(p) for p in hello.peers],
+            q=[list(q) for q in hello.queues],
         )
     if reason:
         body["r"] = reason
@@ -252,6 +257,7 @@ class ControlMessage:
     entries: list[RetainedEntry] | None = None  # SYNC_DATA
     last: bool = False  # SYNC_DATA
     seq: int = 0  # SYNC_DATA: the sender's retained sequence when it answered
+    job: JobReport | None = None  # JOB_DONE, JOB_EXTEND
 
 
 def decode_control(data: bytes) -> ControlMessage:
@@ -286,6 +292,8 @@ def decode_control(data: bytes) -> ControlMessage:
         if not isinstance(rows, list) or type(last) is not bool or type(seq) is not int:
             raise WireError("sync data malformed")
         return ControlMessage(kind, version, None, reason, entries=[_decode_row(r) for r in rows], last=last, seq=seq)
+    if kind in (JOB_DONE, JOB_EXTEND) and version == WIRE_VERSION:
+        return ControlMessage(kind, version, None, reason, job=_decode_job_report(body))
     return ControlMessage(kind, version, hello, reason)
 
 
@@ -310,7 +318,13 @@ def _decode_row(row: Any) -> RetainedEntry:
 def _decode_hello(body: dict[str, Any]) -> Hello:
     name, incarnation = body.get("n"), body.get("i")
     ports: list[Any] = [body.get("pc"), body.get("pp"), body.get("pl")]
-    host, peers = body.get("h"), body.get("ps", [])
+    host, peers, queues = body.get("h"), body.get("ps", []), body.get("q", [])
+    if not isinstance(queues, list) or not all(
+        isinstance(q, list) and len(q) == 2 and isinstance(q[0], str) and q[0]
+        and type(q[1]) is int and 0 < q[1] < 1_000_000
+        for q in queues
+    ):
+        raise WireError("hello queue list is malformed")
     if not isinstance(name, str) or not name or type(incarnation) is not int:
         raise WireError("hello lacks name or incarnation")
     if not all(type(p) is int and 0 < p < 65536 for p in ports):
@@ -336,4 +350,67 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
         pull_port=ports[2],
         host=host,
         peers=tuple((p[0], p[1], p[2]) for p in peers),
+        queues=tuple((q[0], q[1]) for q in queues),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs: PUSH -> PULL carries a job to a worker node; the worker reports on its DEALER.
+
+
+class JobFrame(NamedTuple):
+    id: str
+    queue: str
+    payload: bytes
+    attempt: int
+    lease: float
+
+
+def encode_job(job_id: str, queue: str, payload: bytes, attempt: int, lease: float) -> bytes:
+    return _packb([WIRE_VERSION, job_id, queue, payload, attempt, lease])
+
+
+def decode_job(frame: bytes) -> JobFrame:
+    try:
+        body = msgpack.unpackb(frame, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable job: {exc}") from None
+    if not (
+        isinstance(body, list)
+        and len(body) == 6
+        and body[0] == WIRE_VERSION
+        and isinstance(body[1], str) and body[1]
+        and isinstance(body[2], str) and body[2]
+        and type(body[3]) is bytes
+        and type(body[4]) is int and body[4] > 0
+        and isinstance(body[5], int | float) and body[5] > 0
+    ):
+        raise WireError("malformed job")
+    return JobFrame(body[1], body[2], body[3], body[4], float(body[5]))
+
+
+@dataclass(frozen=True)
+class JobReport:
+    id: str
+    ok: bool = True
+    result: bytes = b""
+    error: str = ""
+    retry: bool = True  # on failure: may it be tried again (False: dead letter now)
+    seconds: float = 0.0  # JOB_EXTEND
+
+
+def encode_job_report(kind: str, report: JobReport) -> bytes:
+    return _packb({"t": kind, "v": WIRE_VERSION, "i": report.id, "ok": report.ok, "res": report.result,
+                   "err": report.error, "re": report.retry, "s": report.seconds})
+
+
+def _decode_job_report(body: dict[str, Any]) -> JobReport:
+    job_id, ok, result = body.get("i"), body.get("ok"), body.get("res", b"")
+    error, retry, seconds = body.get("err", ""), body.get("re", True), body.get("s", 0.0)
+    if not (
+        isinstance(job_id, str) and job_id and type(ok) is bool and type(result) is bytes
+        and isinstance(error, str) and type(retry) is bool
+        and isinstance(seconds, int | float) and 0 <= seconds <= 86_400
+    ):
+        raise WireError("malformed job report")
+    return JobReport(job_id, ok, result, error, retry, float(seconds))

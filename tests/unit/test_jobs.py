@@ -151,3 +151,14 @@ def test_recent_ids_remember_results_within_a_bound() -> None:
     recent.add("b", b"2")
     recent.add("c", b"3")
     assert recent.get("a") is None and recent.get("c") == b"3"
+
+
+def test_undone_dispatch_is_first_in_line_and_costs_no_attempt() -> None:
+    d = Dispatcher()
+    d.submit(job(1))
+    d.submit(job(2))
+    d.worker_up("w", "scan", 1)
+    [(j, _)] = d.dispatch(now=0)
+    d.undo_dispatch(j)
+    [(again, _)] = d.dispatch(now=0)
+    assert again.id == "j1" and again.attempts == 1

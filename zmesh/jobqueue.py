@@ -1,0 +1,257 @@
+"""Work queues over the mesh: submit on any node, work on any node, each job done once.
+
+The submitting node holds every job it accepted (``jobs.Dispatcher``) until a worker
+acknowledges it. Worker nodes say in their hello which queues they serve and with what
+prefetch; the submitter sends a job over CURVE PUSH -> PULL only to a node with free credit
+for its queue (or hands it to a worker on this very node), and the worker answers on its
+DEALER to the submitter's ROUTER: done (with a result), failed (retry or not), or "extend
+my lease". A lease that runs out, or a worker node that goes down, sends the job to another
+worker; after ``max_attempts`` it is published to ``$jobs/dead/<queue>`` with the reason.
+A worker remembers recently finished job ids, so a redelivered duplicate is answered
+again, not run twice.
+
+Not yet here (the rest of the work-queue issue): the durable spool, the CLI, MQTT shared
+subscriptions across the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING
+
+from zmesh import wire
+from zmesh.jobs import Dispatcher, Job, Outcome, RecentIds
+
+if TYPE_CHECKING:
+    from zmesh.node import Node
+
+log = logging.getLogger("zmesh.jobs")
+
+TICK = 0.05
+DEAD_LETTER_PREFIX = "$jobs/dead/"
+
+
+class JobFailed(Exception):
+    """The job went to the dead letters; the message says why."""
+
+
+class JobHandle:
+    def __init__(self, job_id: str, future: asyncio.Future[bytes]) -> None:
+        self.id = job_id
+        self._future = future
+
+    async def result(self, timeout: float | None = None) -> bytes:
+        """The worker's result; JobFailed if the job ended in the dead letters."""
+        return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+
+
+class WorkItem:
+    """One job on a worker: ``ack(result)``, ``nack(reason, retry=True)``, ``extend(s)``."""
+
+    def __init__(self, service: JobService, submitter: str, frame: wire.JobFrame) -> None:
+        self.service, self.submitter = service, submitter
+        self.id, self.queue, self.payload, self.attempt = frame.id, frame.queue, frame.payload, frame.attempt
+        self.lease = frame.lease
+        self.finished = False
+
+    async def ack(self, result: bytes = b"") -> None:
+        self._finish(wire.JobReport(self.id, True, result))
+
+    async def nack(self, reason: str, retry: bool = True) -> None:
+        self._finish(wire.JobReport(self.id, False, b"", reason, retry))
+
+    async def extend(self, seconds: float) -> None:
+        self.service._report(self, wire.JOB_EXTEND, wire.JobReport(self.id, seconds=seconds))
+
+    def _finish(self, report: wire.JobReport) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if report.ok:
+            self.service.recent.add(self.id, report.result)
+        self.service._report(self, wire.JOB_DONE, report)
+
+
+class WorkQueue:
+    """``async for job in node.work(queue)``: jobs for a worker on this node."""
+
+    def __init__(self, service: JobService, queue: str, prefetch: int) -> None:
+        self.service, self.queue, self.prefetch = service, queue, prefetch
+        self._items: deque[WorkItem] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: WorkItem) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> WorkQueue:
+        return self
+
+    async def __anext__(self) -> WorkItem:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+    def close(self) -> None:
+        self.service._stop_working(self)
+
+
+class JobService:
+    def __init__(self, node: Node, lease: float = 30.0, max_attempts: int = 5) -> None:
+        self.node = node
+        self.dispatcher = Dispatcher(lease, max_attempts)
+        self.handles: dict[str, asyncio.Future[bytes]] = {}
+        self.workers: dict[str, WorkQueue] = {}
+        self.recent = RecentIds()
+        self._task: asyncio.Task[None] | None = None
+        self._own = ""
+
+    def start(self, own_key: str) -> None:
+        mesh = self.node.mesh
+        assert mesh is not None
+        self._own = own_key
+        mesh.on_hello = self._on_hello
+        mesh.on_job = self._on_job
+        mesh.on_job_report = self._on_report
+        self._task = asyncio.create_task(self._tick(), name="jobs")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, queue: str, payload: bytes, job_id: str | None = None) -> JobHandle:
+        job_id = job_id or uuid.uuid4().hex
+        future = self.handles.get(job_id)
+        if future is None:
+            future = self.handles[job_id] = asyncio.get_running_loop().create_future()
+            self.dispatcher.submit(Job(job_id, queue, payload, time.monotonic()))
+            self._pump()
+        return JobHandle(job_id, future)
+
+    def _pump(self) -> None:
+        mesh = self.node.mesh
+        for job, worker in self.dispatcher.dispatch(time.monotonic()):
+            if worker == self._own:
+                local = self.workers.get(job.queue)
+                if local is not None:
+                    frame = wire.JobFrame(job.id, job.queue, job.payload, job.attempts, self.dispatcher.lease)
+                    local.put(WorkItem(self, self._own, frame))
+                    continue
+            elif mesh is not None and mesh.send_job(
+                worker, wire.encode_job(job.id, job.queue, job.payload, job.attempts, self.dispatcher.lease)
+            ):
+                continue
+            self.dispatcher.undo_dispatch(job)  # not connected yet: try again next tick
+
+    def _settle(self, results: list[tuple[Job, Outcome]], result: bytes = b"") -> None:
+        for job, outcome in results:
+            future = self.handles.get(job.id)
+            if outcome is Outcome.DONE:
+                if future is not None and not future.done():
+                    future.set_result(result)
+                self.handles.pop(job.id, None)
+            elif outcome is Outcome.DEAD:
+                log.warning("job %s of %s is dead after %d attempts: %s", job.id, job.queue, job.attempts, job.last_error)
+                letter = {
+                    "id": job.id, "queue": job.queue, "attempts": job.attempts, "reason": job.last_error,
+                    "payload": base64.b64encode(job.payload).decode(),
+                }
+                self.node.publish_nowait(DEAD_LETTER_PREFIX + job.queue, json.dumps(letter).encode(), qos=1)
+                if future is not None and not future.done():
+                    future.set_exception(JobFailed(f"job {job.id}: {job.last_error} (after {job.attempts} attempts)"))
+                self.handles.pop(job.id, None)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self._settle(self.dispatcher.expire(time.monotonic()))
+            self._pump()
+
+    # ------------------------------------------------------------------ from the mesh
+
+    def _on_hello(self, key: str, hello: wire.Hello) -> None:
+        served = dict(hello.queues)
+        for (worker, queue) in list(self.dispatcher.workers):
+            if worker == key and queue not in served:
+                self._settle(self.dispatcher.worker_down(key, time.monotonic()))
+                break
+        for queue, prefetch in served.items():
+            self.dispatcher.worker_up(key, queue, prefetch)
+
+    def peer_gone(self, key: str) -> None:
+        """A worker node went down or restarted: what it held is delivered elsewhere."""
+        self._settle(self.dispatcher.worker_down(key, time.monotonic()))
+        self._pump()
+
+    def _on_report(self, key: str, message: wire.ControlMessage) -> None:
+        assert message.job is not None
+        self._handle_report(key, message.kind, message.job)
+
+    def _handle_report(self, worker: str, kind: str, report: wire.JobReport) -> None:
+        now = time.monotonic()
+        if kind == wire.JOB_EXTEND:
+            self.dispatcher.extend(report.id, worker, report.seconds, now)
+            return
+        if report.ok:
+            job, outcome = self.dispatcher.acked(report.id, worker)
+        else:
+            job, outcome = self.dispatcher.nacked(report.id, worker, report.error or "failed", report.retry)
+        if job is not None:
+            self._settle([(job, outcome)], report.result)
+        self._pump()
+
+    def _on_job(self, submitter: str, data: bytes) -> None:
+        try:
+            frame = wire.decode_job(data)
+        except wire.WireError as exc:
+            log.warning("bad job frame from %s: %s", submitter[:8], exc)
+            return
+        done = self.recent.get(frame.id)
+        item = WorkItem(self, submitter, frame)
+        if done is not None:  # a duplicate of one we finished: answer again, do not run it
+            item.finished = True
+            self._report(item, wire.JOB_DONE, wire.JobReport(frame.id, True, done))
+            return
+        local = self.workers.get(frame.queue)
+        if local is None:
+            item.finished = True
+            self._report(item, wire.JOB_DONE, wire.JobReport(frame.id, False, b"", "no worker for this queue here"))
+            return
+        local.put(item)
+
+    def _report(self, item: WorkItem, kind: str, report: wire.JobReport) -> None:
+        if item.submitter == self._own:
+            self._handle_report(self._own, kind, report)
+        elif self.node.mesh is not None:
+            self.node.mesh.send_report(item.submitter, wire.encode_job_report(kind, report))
+
+    # ------------------------------------------------------------------ working
+
+    def work(self, queue: str, prefetch: int = 1) -> WorkQueue:
+        work_queue = self.workers[queue] = WorkQueue(self, queue, prefetch)
+        if self.node.mesh is not None:
+            self.node.mesh.local_queues[queue] = prefetch
+        self.dispatcher.worker_up(self._own, queue, prefetch)
+        self._pump()
+        return work_queue
+
+    def _stop_working(self, work_queue: WorkQueue) -> None:
+        if self.workers.get(work_queue.queue) is work_queue:
+            del self.workers[work_queue.queue]
+            if self.node.mesh is not None:
+                self.node.mesh.local_queues.pop(work_queue.queue, None)
+            # What this node held goes back to be delivered elsewhere; other queues stay.
+            self._settle(self.dispatcher.worker_down(self._own, time.monotonic()))
+            for queue, other in self.workers.items():
+                self.dispatcher.worker_up(self._own, queue, other.prefetch)
