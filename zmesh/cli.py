@@ -24,6 +24,8 @@ app.add_typer(node_app, name="node")
 keys_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="Keys for encryption at rest.")
 app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
+jobs_app = typer.Typer(context_settings=CONTEXT, no_args_is_help=True, help="Work queues.")
+app.add_typer(jobs_app, name="jobs")
 
 EXIT_TIMEOUT = 27  # what mosquitto_sub -W returns
 
@@ -312,6 +314,125 @@ def _run_client(coro: Any, timeout: float = 0) -> None:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         pass
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    queue: str,
+    message: Annotated[str | None, typer.Option("-m", "--message")] = None,
+    file: Annotated[Path | None, typer.Option("-f", "--file")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    timeout: Annotated[float, typer.Option("-W", help="With --wait: give up (exit 27) after this many seconds.")] = 0,
+    job_id: Annotated[str | None, typer.Option("--id", help="Job id (idempotency key); default: random.")] = None,
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    username: User = None,
+    password: Password = None,
+) -> None:
+    """Submit a job; prints its id (with --wait: its result; exit 1 if it failed)."""
+    import uuid
+
+    payload = file.read_bytes() if file is not None else (message or "").encode()
+    job = job_id or uuid.uuid4().hex
+    failed: list[str] = []
+
+    async def go() -> None:
+        from zmesh.mqtt.client import Client
+
+        client = Client()
+        await client.connect(host, port, username, password)
+        try:
+            if wait:
+                await client.subscribe([(f"$jobs/result/{job}", 1), (f"$jobs/failed/{job}", 1)])
+            await client.publish(f"$jobs/submit/{queue}/{job}", payload, qos=1)  # PUBACK: accepted
+            if not wait:
+                typer.echo(job)
+                return
+            async for msg in client.messages():
+                if msg.topic.startswith("$jobs/failed/"):
+                    failed.append(msg.payload.decode(errors="replace"))
+                else:
+                    sys.stdout.buffer.write(msg.payload + (b"" if msg.payload.endswith(b"\n") else b"\n"))
+                    sys.stdout.flush()
+                return
+        finally:
+            await client.disconnect()
+
+    _run_client(go(), timeout if wait else 0)
+    if failed:
+        raise fail(failed[0])
+
+
+@jobs_app.command("work", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def jobs_work(
+    ctx: typer.Context,
+    queue: str,
+    count: Annotated[int, typer.Option("-C", help="Exit after this many jobs.")] = 0,
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    username: User = None,
+    password: Password = None,
+) -> None:
+    """Run COMMAND for each job of QUEUE: `zmesh jobs work QUEUE -- COMMAND ARGS`.
+
+    The payload is on stdin and the job id in $ZMESH_JOB_ID; exit 0 acknowledges with stdout
+    as the result, any other exit fails the job (it is retried elsewhere while attempts remain)."""
+    import os
+
+    command = list(ctx.args)
+    if not command:
+        raise fail("give the command after --, e.g. zmesh jobs work scan -- ./scan.sh")
+
+    async def go() -> None:
+        from zmesh.mqtt.client import Client
+
+        client = Client()
+        await client.connect(host, port, username, password)
+        done = 0
+        try:
+            await client.subscribe([(f"$jobs/queue/{queue}/+", 1)])
+            async for msg in client.messages():
+                job_id = msg.topic.rsplit("/", 1)[1]
+                process = await asyncio.create_subprocess_exec(
+                    *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, env={**os.environ, "ZMESH_JOB_ID": job_id},
+                )
+                out, err = await process.communicate(msg.payload)
+                if process.returncode == 0:
+                    await client.publish(f"$jobs/done/{job_id}", out, qos=1)
+                else:
+                    reason = f"exit {process.returncode}: {err.decode(errors='replace').strip()[-500:]}"
+                    await client.publish(f"$jobs/fail/{job_id}", reason.encode(), qos=1)
+                typer.echo(f"job {job_id}: {'done' if process.returncode == 0 else 'failed'}", err=True)
+                done += 1
+                if count and done >= count:
+                    return
+        finally:
+            await client.disconnect()
+
+    _run_client(go())
+
+
+@jobs_app.command("stats")
+def jobs_stats(
+    host: Host = "127.0.0.1",
+    port: Port = 1883,
+    username: User = None,
+    password: Password = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per queue on this node: depth, in flight, oldest job age, redeliveries, dead letters."""
+    found = _fetch_sys("$SYS/zmesh/jobs", host, port, username, password)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    typer.echo(f"{'QUEUE':20} {'DEPTH':>7} {'IN FLIGHT':>9} {'OLDEST':>8} {'DONE':>8} {'REDELIVERED':>11} {'DEAD':>6}")
+    for name, s in found.items():
+        typer.echo(f"{name:20} {s['depth']:>7} {s['in_flight']:>9} {s['oldest_age']:>7.1f}s {s['done_total']:>8} "
+                   f"{s['redeliveries_total']:>11} {s['dead_total']:>6}")
 
 
 # ---------------------------------------------------------------------------- introspection

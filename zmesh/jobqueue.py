@@ -10,8 +10,9 @@ worker; after ``max_attempts`` it is published to ``$jobs/dead/<queue>`` with th
 A worker remembers recently finished job ids, so a redelivered duplicate is answered
 again, not run twice.
 
-Not yet here (the rest of the work-queue issue): the durable spool, the CLI, MQTT shared
-subscriptions across the mesh.
+With a ``data_dir`` the submitter spools every job (``spool.JobSpool``) before ``submit``
+returns, in group commits, and loads the spool again on start, so a restart of the
+submitter loses nothing it accepted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from zmesh import wire
 from zmesh.jobs import Dispatcher, Job, Outcome, RecentIds
@@ -113,29 +115,87 @@ class JobService:
         self.recent = RecentIds()
         self._task: asyncio.Task[None] | None = None
         self._own = ""
+        self.spool: Any = None
+        self._to_spool: list[tuple[Job, asyncio.Future[None]]] = []
+        self._to_forget: list[str] = []
+        self._spool_wake = asyncio.Event()
+        self._spool_task: asyncio.Task[None] | None = None
 
-    def start(self, own_key: str) -> None:
+    async def start(self, own_key: str, data_dir: Path | None) -> None:
         mesh = self.node.mesh
         assert mesh is not None
         self._own = own_key
         mesh.on_hello = self._on_hello
         mesh.on_job = self._on_job
         mesh.on_job_report = self._on_report
+        if data_dir is not None:
+            from zmesh.spool import JobSpool
+
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.spool = await asyncio.to_thread(JobSpool, data_dir / "jobs.db")
+            pending = await asyncio.to_thread(self.spool.load)
+            now = time.monotonic()
+            for job in pending:
+                job.submitted_at = now
+                self.dispatcher.submit(job)
+            if pending:
+                log.info("job spool: %d jobs accepted before the restart are pending again", len(pending))
+            self._spool_task = asyncio.create_task(self._spool_writer(), name="job-spool")
         self._task = asyncio.create_task(self._tick(), name="jobs")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._spool_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.spool is not None:
+            await self._write_spool()
+            await asyncio.to_thread(self.spool.close)
+            self.spool = None
+
+    async def _spool_writer(self) -> None:
+        while True:
+            await self._spool_wake.wait()
+            self._spool_wake.clear()
+            await self._write_spool()
+
+    async def _write_spool(self) -> None:
+        added, self._to_spool = self._to_spool, []
+        forgotten, self._to_forget = self._to_forget, []
+        try:
+            if added:
+                await asyncio.to_thread(self.spool.add, [job for job, _ in added])
+            if forgotten:
+                await asyncio.to_thread(self.spool.remove, forgotten)
+        except Exception as exc:  # the disk failed: refuse the jobs rather than pretend
+            log.error("job spool write failed: %s", exc)
+            for _, future in added:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, future in added:
+            if not future.done():
+                future.set_result(None)
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, queue: str, payload: bytes, job_id: str | None = None) -> JobHandle:
+    async def submit(self, queue: str, payload: bytes, job_id: str | None = None) -> JobHandle:
+        """Accept a job (on disk first, when there is a spool) and dispatch it."""
         job_id = job_id or uuid.uuid4().hex
         future = self.handles.get(job_id)
         if future is None:
             future = self.handles[job_id] = asyncio.get_running_loop().create_future()
-            self.dispatcher.submit(Job(job_id, queue, payload, time.monotonic()))
+            job = Job(job_id, queue, payload, time.monotonic())
+            if self.spool is not None:
+                durable = asyncio.get_running_loop().create_future()
+                self._to_spool.append((job, durable))
+                self._spool_wake.set()
+                try:
+                    await durable
+                except Exception:
+                    del self.handles[job_id]
+                    raise
+            self.dispatcher.submit(job)
             self._pump()
         return JobHandle(job_id, future)
 
@@ -156,6 +216,9 @@ class JobService:
 
     def _settle(self, results: list[tuple[Job, Outcome]], result: bytes = b"") -> None:
         for job, outcome in results:
+            if outcome in (Outcome.DONE, Outcome.DEAD) and self.spool is not None:
+                self._to_forget.append(job.id)
+                self._spool_wake.set()
             future = self.handles.get(job.id)
             if outcome is Outcome.DONE:
                 if future is not None and not future.done():
@@ -235,6 +298,12 @@ class JobService:
             self._handle_report(self._own, kind, report)
         elif self.node.mesh is not None:
             self.node.mesh.send_report(item.submitter, wire.encode_job_report(kind, report))
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per queue: depth, in flight, oldest job age (s), redeliveries, dead, done."""
+        now = time.monotonic()
+        queues = set(self.dispatcher.pending) | {q for _, q in self.dispatcher.workers} | set(self.dispatcher.done)
+        return {q: vars(self.dispatcher.stats(q, now)) for q in sorted(queues)}
 
     # ------------------------------------------------------------------ working
 

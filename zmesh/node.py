@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, cast
 from zmesh import topics, wire
 from zmesh.certs import KeyRing, load_secret_certificate
 from zmesh.config import NodeConfig, load_config, parse_hostport
+from zmesh.jobbridge import JobBridge, is_local_only, worker_queue
 from zmesh.jobqueue import JobHandle, JobService, WorkQueue
 from zmesh.membership import EventKind, Peer, PeerEvent
 from zmesh.mesh import Mesh
@@ -40,6 +41,7 @@ SYS_PREFIX = "$SYS/"  # node-local topics: never sent to, nor accepted from, the
 SYS_PEERS = "$SYS/zmesh/peers"
 SYS_TOPICS = "$SYS/zmesh/topics"
 SYS_NODE = "$SYS/zmesh/node"
+SYS_JOBS = "$SYS/zmesh/jobs"
 TOPIC_CACHE_LIMIT = 100_000
 # A publisher awaiting publish() in a tight loop never suspends; yielding this often keeps
 # the node's own tasks (heartbeats, readers, MQTT clients) running beside it.
@@ -194,6 +196,7 @@ class Node:
         self.mqtt_server: Any = None
         self.discovery: list[Any] = []
         self.jobs = JobService(self)
+        self.job_bridge = JobBridge(self)
         self._closed = asyncio.Event()
         self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
         self._behind: set[Subscription] = set()  # API subscriptions more than half full
@@ -232,7 +235,7 @@ class Node:
                 host, port = parse_hostport(seed)
                 self.mesh.add_seed(host, port)
             await self._start_discovery(public.decode())
-            self.jobs.start(public.decode())
+            await self.jobs.start(public.decode(), self.config.data_dir)
             if self.config.mqtt.listen:
                 from zmesh.mqtt.server import MQTTServer
 
@@ -332,7 +335,8 @@ class Node:
         encoded = self._topic_bytes.get(topic)
         if encoded is None:
             topics.validate_topic_name(topic)
-            encoded = b"" if topic.startswith(SYS_PREFIX) else topic.encode()
+            local = topic.startswith(SYS_PREFIX) or is_local_only(topic)
+            encoded = b"" if local else topic.encode()
             if len(self._topic_bytes) >= TOPIC_CACHE_LIMIT:
                 self._topic_bytes.clear()
             self._topic_bytes[topic] = encoded
@@ -358,6 +362,8 @@ class Node:
         for subscriber, granted in self.router.targets(topic):
             subscriber.deliver(topic, payload, qos if qos < granted else granted, False, name, properties)
         mesh = self.mesh
+        if not encoded and topic[:6] == "$jobs/":
+            return self.job_bridge.on_publish(topic, payload)
         if retain:
             item, durable = self.replica.write_local(topic, payload, qos, properties)
             if mesh is not None and encoded:
@@ -459,7 +465,7 @@ class Node:
         ``await handle.result()`` gives the worker's result (JobFailed if it ended in the
         dead letters, ``$jobs/dead/<queue>``). A repeated ``job_id`` is the same job."""
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
-        return self.jobs.submit(queue, data, job_id)
+        return await self.jobs.submit(queue, data, job_id)
 
     def work(self, queue: str, prefetch: int = 1) -> WorkQueue:
         """Serve ``queue`` on this node: ``async for job in node.work(q): ... await job.ack()``.
@@ -484,23 +490,30 @@ class Node:
         group, inner = topics.parse_shared(filt)
         if group is not None:
             return  # MQTT 5: shared subscriptions get no retained messages
+        job_queue = worker_queue(inner)
+        if job_queue is not None:
+            self.job_bridge.add_worker(subscriber, job_queue)
+            return
         for entry in self.replica.match(inner):
             subscriber.deliver(
                 entry.topic, entry.payload, min(entry.qos, qos), True, entry.origin, entry.properties
             )
         if inner.startswith(SYS_PREFIX) or inner.startswith("$SYS"):
             self._sys_subscribers.add(subscriber)
-            for sys_topic in (SYS_NODE, SYS_PEERS, SYS_TOPICS):
+            for sys_topic in (SYS_NODE, SYS_PEERS, SYS_TOPICS, SYS_JOBS):
                 if topics.matches(inner, sys_topic):
                     subscriber.deliver(sys_topic, self._sys_value(sys_topic), 0, True, self.name, None)
 
     def remove_subscription(self, subscriber: Subscriber, filt: str) -> bool:
+        if worker_queue(filt) is not None:
+            self.job_bridge.remove_worker(subscriber)
         removed = self.router.unsubscribe(subscriber, filt)
         if removed:
             self._update_mesh_subscriptions()
         return removed
 
     def _unsubscribe_all(self, subscriber: Subscriber) -> None:
+        self.job_bridge.remove_worker(subscriber)
         if self.router.remove(subscriber):
             self._update_mesh_subscriptions()
         self._sys_subscribers.discard(subscriber)
@@ -542,6 +555,8 @@ class Node:
             value = self.peers()
         elif sys_topic == SYS_TOPICS:
             value = self.retained_topics()
+        elif sys_topic == SYS_JOBS:
+            value = self.jobs.stats()
         else:
             value = {
                 "name": self.name,

@@ -1,0 +1,147 @@
+"""Work queues for MQTT clients (and so for `zmesh jobs` and any language), through
+node-local ``$jobs/...`` topics:
+
+* submit: publish (QoS 1) to ``$jobs/submit/QUEUE[/ID]``; the PUBACK means the job is
+  accepted (spooled, when the node has a data_dir). When it finishes, the node publishes
+  ``$jobs/result/ID`` (the worker's result) or ``$jobs/failed/ID`` (the reason) locally;
+  subscribe before submitting to wait for it.
+* work: subscribe to ``$jobs/queue/QUEUE/+``; each subscribed client is one worker slot and
+  gets one job at a time as ``$jobs/queue/QUEUE/ID``; it answers by publishing the result to
+  ``$jobs/done/ID``, or a reason to ``$jobs/fail/ID`` (delivered again elsewhere while
+  attempts remain). A worker that disconnects gives its job back.
+* ``$SYS/zmesh/jobs``: per-queue depth, in flight, oldest age, redeliveries, dead letters.
+
+Everything under ``$jobs/`` stays on this node except ``$jobs/dead/QUEUE``, which the whole
+mesh hears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from zmesh.jobqueue import JobFailed, WorkItem, WorkQueue
+from zmesh.routing import Subscriber
+
+if TYPE_CHECKING:
+    from zmesh.node import Node
+
+log = logging.getLogger("zmesh.jobs")
+
+SUBMIT, QUEUE, DONE, FAIL = "$jobs/submit/", "$jobs/queue/", "$jobs/done/", "$jobs/fail/"
+RESULT, FAILED = "$jobs/result/", "$jobs/failed/"
+
+
+def is_local_only(topic: str) -> bool:
+    return topic.startswith("$jobs/") and not topic.startswith("$jobs/dead/")
+
+
+def worker_queue(filt: str) -> str | None:
+    """``$jobs/queue/NAME/+`` -> NAME: the filter by which an MQTT client becomes a worker."""
+    if filt.startswith(QUEUE) and filt.endswith("/+"):
+        name = filt[len(QUEUE) : -2]
+        if name and "/" not in name and "+" not in name and "#" not in name:
+            return name
+    return None
+
+
+class _QueueWorkers:
+    """The MQTT clients working one queue on this node, fed from one WorkQueue."""
+
+    def __init__(self, bridge: JobBridge, queue: str) -> None:
+        self.bridge, self.queue = bridge, queue
+        self.idle: deque[Subscriber] = deque()
+        self.busy: dict[Subscriber, WorkItem] = {}
+        self.work: WorkQueue | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def resize(self) -> None:
+        slots = len(self.idle) + len(self.busy)
+        jobs = self.bridge.node.jobs
+        if self.work is not None:
+            self.work.close()
+            self.work = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if slots:
+            self.work = jobs.work(self.queue, prefetch=slots)
+            self.task = asyncio.create_task(self._feed(self.work), name=f"mqtt-workers-{self.queue}")
+
+    async def _feed(self, work: WorkQueue) -> None:
+        ready = self.bridge.ready
+        async for item in work:
+            while not self.idle:
+                ready.clear()
+                await ready.wait()
+            worker = self.idle.popleft()
+            self.busy[worker] = item
+            self.bridge.items[item.id] = (item, worker, self)
+            worker.deliver(f"{QUEUE}{self.queue}/{item.id}", item.payload, 1, False, self.bridge.node.name, None)
+
+
+class JobBridge:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.queues: dict[str, _QueueWorkers] = {}
+        self.items: dict[str, tuple[WorkItem, Subscriber, _QueueWorkers]] = {}
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, subscriber: Subscriber, queue: str) -> None:
+        workers = self.queues.get(queue)
+        if workers is None:
+            workers = self.queues[queue] = _QueueWorkers(self, queue)
+        if subscriber not in workers.idle and subscriber not in workers.busy:
+            workers.idle.append(subscriber)
+            workers.resize()
+            self.ready.set()
+
+    def remove_worker(self, subscriber: Subscriber) -> None:
+        for workers in self.queues.values():
+            item = workers.busy.pop(subscriber, None)
+            if item is not None:
+                self.items.pop(item.id, None)
+                asyncio.ensure_future(item.nack("worker disconnected", retry=True))
+            if subscriber in workers.idle:
+                workers.idle.remove(subscriber)
+            elif item is None:
+                continue
+            workers.resize()
+
+    # ------------------------------------------------------------------ publishes
+
+    def on_publish(self, topic: str, payload: bytes) -> asyncio.Future[None] | None:
+        """A publish to ``$jobs/...`` on this node; a future when the PUBACK must wait."""
+        if topic.startswith(SUBMIT):
+            rest = topic[len(SUBMIT) :]
+            queue, _, job_id = rest.partition("/")
+            if not queue:
+                return None
+            return asyncio.ensure_future(self._submit(queue, payload, job_id or None))
+        for prefix, ok in ((DONE, True), (FAIL, False)):
+            if topic.startswith(prefix):
+                entry = self.items.pop(topic[len(prefix) :], None)
+                if entry is not None:
+                    item, worker, workers = entry
+                    workers.busy.pop(worker, None)
+                    workers.idle.append(worker)
+                    self.ready.set()
+                    result = item.ack(payload) if ok else item.nack(payload.decode(errors="replace") or "failed")
+                    asyncio.ensure_future(result)
+        return None
+
+    async def _submit(self, queue: str, payload: bytes, job_id: str | None) -> None:
+        handle = await self.node.jobs.submit(queue, payload, job_id)
+        asyncio.ensure_future(self._report(handle.id, handle.result()))
+
+    async def _report(self, job_id: str, result: asyncio.Future[bytes] | object) -> None:
+        try:
+            value = await result  # type: ignore[misc]
+        except JobFailed as exc:
+            self.node.publish_nowait(FAILED + job_id, str(exc).encode(), qos=1)
+            return
+        self.node.publish_nowait(RESULT + job_id, value, qos=1)
