@@ -501,3 +501,137 @@ def stop_all(nodes: list[NodeProcess]) -> None:
         if "Traceback" in node.log_path.read_text(errors="replace"):
             problems.append(f"node {node.name} logged a traceback (log: {node.log_path})")
     assert not problems, "; ".join(sorted(set(problems)))
+
+
+# ---------------------------------------------------------------------------------------
+# Work queues: node processes started side by side, paho workers and submitters
+
+
+def start_nodes(workdir: Path, specs: list[dict[str, Any]]) -> list[NodeProcess]:
+    """Start several ``NodeProcess(workdir, **spec)`` at once (each waits for its own ready
+    file); the interpreter start-ups overlap instead of adding up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(NodeProcess, workdir, **spec) for spec in specs]
+        started, errors = [], []
+        for future in futures:
+            try:
+                started.append(future.result())
+            except Exception as exc:  # the others are still returned, so they get stopped
+                errors.append(exc)
+    if errors:
+        for node in started:
+            node.stop()
+        raise errors[0]
+    return started
+
+
+def jobs_stats(node: NodeProcess, queue: str) -> dict[str, Any]:
+    """The node's ``$SYS/zmesh/jobs`` figures for ``queue`` (zeros if it has none yet)."""
+    zero = {"depth": 0, "in_flight": 0, "oldest_age": 0.0, "redeliveries_total": 0, "dead_total": 0, "done_total": 0}
+    return node.sys_value("$SYS/zmesh/jobs").get(queue, zero)
+
+
+class MqttWorker:
+    """A paho client working ``queue`` on a node (subscribed to ``$jobs/queue/QUEUE/+``: one
+    job at a time). Each job is handed to a thread that calls ``handle(job_id, payload)``:
+    bytes -> ``$jobs/done/ID`` with them, a str -> ``$jobs/fail/ID`` with that reason, None ->
+    the job is held and never answered (a hung scanner). ``received`` lists every job id
+    delivered, in order (redeliveries included)."""
+
+    def __init__(self, port: int, job_queue: str, handle: Callable[[str, bytes], bytes | str | None],
+                 name: str = "") -> None:
+        import threading
+
+        self.name = name or f"w-{uuid.uuid4().hex[:6]}"
+        self.queue, self.handle = job_queue, handle
+        self.received: list[str] = []
+        self.errors: list[BaseException] = []
+        self._jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.name}-{uuid.uuid4().hex[:6]}")
+        self.client.on_message = self._on_message
+        subscribed: queue.Queue[Any] = queue.Queue()
+        self.client.on_subscribe = lambda c, u, mid, codes, props: subscribed.put(codes)
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        # paho leaves Nagle on: the done after a job's PUBACK would wait ~40 ms for a delayed ACK.
+        self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        self.client.subscribe(f"$jobs/queue/{job_queue}/+", qos=1)
+        subscribed.get(timeout=10)
+
+    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        job_id = message.topic.rsplit("/", 1)[1]
+        self.received.append(job_id)
+        self._jobs.put((job_id, message.payload))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job_id, payload = job
+            try:
+                answer = self.handle(job_id, payload)
+            except BaseException as exc:  # surfaced by the test through .errors
+                self.errors.append(exc)
+                continue
+            if isinstance(answer, bytes):
+                self.client.publish(f"$jobs/done/{job_id}", answer, qos=1)
+            elif isinstance(answer, str):
+                self.client.publish(f"$jobs/fail/{job_id}", answer.encode(), qos=1)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class MqttSubmitter:
+    """A paho client submitting jobs by QoS 1 publishes to ``$jobs/submit/QUEUE/ID``; the
+    PUBACK means the node accepted the job (and spooled it, with a data_dir)."""
+
+    def __init__(self, port: int, inflight: int = 200) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"submit-{uuid.uuid4().hex[:8]}")
+        self.client.max_inflight_messages_set(inflight)
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.loop_start()
+
+    def submit(self, queue_name: str, jobs: dict[str, bytes], timeout: float = 60) -> None:
+        """Submit ``jobs`` (id -> payload); returns once every one is acknowledged."""
+        infos = [self.client.publish(f"$jobs/submit/{queue_name}/{job_id}", payload, qos=1)
+                 for job_id, payload in jobs.items()]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(timeout=max(deadline - time.monotonic(), 0.001))
+        missing = sum(not info.is_published() for info in infos)
+        assert not missing, f"{missing} of {len(infos)} submits not acknowledged within {timeout} s"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class WorkProcess:
+    """``zmesh jobs work QUEUE -p PORT -- COMMAND`` in its own session, so that stopping it
+    also stops the command it may be running (a hung scan) and nothing is left behind."""
+
+    def __init__(self, port: int, job_queue: str, command: list[str], env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "zmesh", "jobs", "work", job_queue, "-p", str(port), "--", *command],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def stop(self) -> None:
+        if self.process.returncode is None:  # not reaped: its pid still names its group
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # the group it leads (its session)
+            except ProcessLookupError:
+                pass
+        self.process.wait(5)
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()

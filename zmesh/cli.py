@@ -511,6 +511,22 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command(context_settings={**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    scenario: Annotated[str, typer.Argument(help="pubsub, mqtt_e2e, fanout, idle, reqrep, scaling, retained, discovery or all.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Short runs (the whole suite in under 5 minutes).")] = False,
+) -> None:
+    """Run a benchmark scenario from benchmarks/ (extra options go to it; see benchmarks/README.md)."""
+    from zmesh.bench import run
+
+    try:
+        code = run(scenario, (["--quick"] if quick else []) + list(ctx.args))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        raise fail(str(exc), 2) from None
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -17,6 +17,7 @@ Layout::
     [discovery] mode, interface, dns_name, dns_port, dns_interval
     [retained] max_entries, max_bytes, tombstone_ttl, anti_entropy_interval
     [store] sync, sync_interval, key_file, previous_key_files
+    [jobs]  lease, max_attempts
     [log]   level
 """
 
@@ -72,7 +73,7 @@ class MqttConfig:
     listen: str | None = "127.0.0.1:1883"  # None disables the MQTT listener
     max_packet_size: int = 1_048_576
     max_inflight: int = 20
-    max_queued: int = 1000
+    max_queued: int = 10_000  # a mesh frame brings up to 1024 messages at once: room for bursts
 
 
 DISCOVERY_MODES = ("static", "mdns", "dns")
@@ -107,6 +108,12 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    lease: float = 30.0  # seconds a worker may hold a job before it is delivered again
+    max_attempts: int = 5  # deliveries before a job goes to the dead letters
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
 
@@ -121,6 +128,7 @@ class NodeConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     retained: RetainedConfig = field(default_factory=RetainedConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     source: str = DEFAULTS  # the config file this came from, for error messages downstream
 
 
@@ -407,6 +415,10 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
         "key_file": (_path, True, True),
         "previous_key_files": (_paths, False, False),
     },
+    "jobs": {
+        "lease": (_positive_float, False, False),
+        "max_attempts": (_int_range(1, 1_000_000), False, False),
+    },
     "discovery": {
         "mode": (_modes, False, False),
         "interface": (_interface, False, True),
@@ -588,5 +600,6 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         discovery=section(DiscoveryConfig, "discovery"),
         retained=section(RetainedConfig, "retained"),
         store=section(StoreConfig, "store"),
+        jobs=section(JobsConfig, "jobs"),
         source=source,
     )

@@ -58,24 +58,36 @@ class _QueueWorkers:
         self.task: asyncio.Task[None] | None = None
 
     def resize(self) -> None:
+        """Serve the queue with one slot per connected worker client. The WorkQueue is kept
+        while there are clients (only its prefetch changes), so jobs already sent here are
+        never dropped by a client coming or going; with none left it is closed, which gives
+        back the jobs not yet taken."""
         slots = len(self.idle) + len(self.busy)
-        jobs = self.bridge.node.jobs
-        if self.work is not None:
-            self.work.close()
-            self.work = None
+        if slots and self.work is not None:
+            self.work.resize(slots)
+            return
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        if self.work is not None:
+            self.work.close()
+            self.work = None
         if slots:
-            self.work = jobs.work(self.queue, prefetch=slots)
+            self.work = self.bridge.node.jobs.work(self.queue, prefetch=slots)
             self.task = asyncio.create_task(self._feed(self.work), name=f"mqtt-workers-{self.queue}")
 
     async def _feed(self, work: WorkQueue) -> None:
+        # Never holds a job across an await: a job is taken only when a client is idle to
+        # take it, so a cancelled feed leaves every job in the WorkQueue.
         ready = self.bridge.ready
-        async for item in work:
+        while True:
             while not self.idle:
                 ready.clear()
                 await ready.wait()
+            item = await work.__anext__()
+            if not self.idle:  # the idle client left while we waited for a job
+                work._items.appendleft(item)
+                continue
             worker = self.idle.popleft()
             self.busy[worker] = item
             self.bridge.items[item.id] = (item, worker, self)
@@ -137,6 +149,10 @@ class JobBridge:
     async def _submit(self, queue: str, payload: bytes, job_id: str | None) -> None:
         handle = await self.node.jobs.submit(queue, payload, job_id)
         asyncio.ensure_future(self._report(handle.id, handle.result()))
+
+    def watch(self, job_id: str, result: asyncio.Future[bytes]) -> None:
+        """Publish the outcome of a job (one loaded from the spool) as for one submitted here."""
+        asyncio.ensure_future(self._report(job_id, result))
 
     async def _report(self, job_id: str, result: asyncio.Future[bytes] | object) -> None:
         try:

@@ -102,7 +102,12 @@ class WorkQueue:
             await self._waiter
         return self._items.popleft()
 
+    def resize(self, prefetch: int) -> None:
+        """Hold up to ``prefetch`` jobs from now on (told to submitters in the next hello)."""
+        self.service._resize(self, prefetch)
+
     def close(self) -> None:
+        """Stop serving the queue here: jobs not yet taken go back to their submitters."""
         self.service._stop_working(self)
 
 
@@ -135,9 +140,15 @@ class JobService:
             self.spool = await asyncio.to_thread(JobSpool, data_dir / "jobs.db")
             pending = await asyncio.to_thread(self.spool.load)
             now = time.monotonic()
+            loop = asyncio.get_running_loop()
             for job in pending:
                 job.submitted_at = now
-                self.dispatcher.submit(job)
+                if self.dispatcher.submit(job):
+                    # Whoever submitted it is gone with the old process: its outcome is
+                    # published on $jobs/result/ID or $jobs/failed/ID, and a submit of the
+                    # same id gets this handle.
+                    future = self.handles[job.id] = loop.create_future()
+                    self.node.job_bridge.watch(job.id, future)
             if pending:
                 log.info("job spool: %d jobs accepted before the restart are pending again", len(pending))
             self._spool_task = asyncio.create_task(self._spool_writer(), name="job-spool")
@@ -246,9 +257,8 @@ class JobService:
     def _on_hello(self, key: str, hello: wire.Hello) -> None:
         served = dict(hello.queues)
         for (worker, queue) in list(self.dispatcher.workers):
-            if worker == key and queue not in served:
-                self._settle(self.dispatcher.worker_down(key, time.monotonic()))
-                break
+            if worker == key and queue not in served:  # only that queue's jobs go elsewhere
+                self._settle(self.dispatcher.worker_down(key, time.monotonic(), queue))
         for queue, prefetch in served.items():
             self.dispatcher.worker_up(key, queue, prefetch)
 
@@ -315,12 +325,25 @@ class JobService:
         self._pump()
         return work_queue
 
+    def _resize(self, work_queue: WorkQueue, prefetch: int) -> None:
+        work_queue.prefetch = prefetch
+        if self.workers.get(work_queue.queue) is work_queue:
+            if self.node.mesh is not None:
+                self.node.mesh.local_queues[work_queue.queue] = prefetch
+            self.dispatcher.worker_up(self._own, work_queue.queue, prefetch)
+            self._pump()
+
     def _stop_working(self, work_queue: WorkQueue) -> None:
         if self.workers.get(work_queue.queue) is work_queue:
             del self.workers[work_queue.queue]
             if self.node.mesh is not None:
                 self.node.mesh.local_queues.pop(work_queue.queue, None)
-            # What this node held goes back to be delivered elsewhere; other queues stay.
-            self._settle(self.dispatcher.worker_down(self._own, time.monotonic()))
-            for queue, other in self.workers.items():
-                self.dispatcher.worker_up(self._own, queue, other.prefetch)
+            # What this node held of this queue goes back to be delivered elsewhere (other
+            # queues' jobs stay where they are): our own jobs here, ...
+            self._settle(self.dispatcher.worker_down(self._own, time.monotonic(), work_queue.queue))
+            # ... and jobs of other submitters not yet taken by a worker, at once rather
+            # than when their lease runs out.
+            while work_queue._items:
+                item = work_queue._items.popleft()
+                if item.submitter != self._own:
+                    item._finish(wire.JobReport(item.id, False, b"", "worker stopped before taking it"))

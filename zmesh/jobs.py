@@ -91,11 +91,12 @@ class Dispatcher:
         else:
             worker.prefetch = max(1, prefetch)
 
-    def worker_down(self, key: str, now: float) -> list[tuple[Job, Outcome]]:
-        """A worker node is gone: its jobs go back to pending (or dead, out of attempts)."""
+    def worker_down(self, key: str, now: float, queue: str | None = None) -> list[tuple[Job, Outcome]]:
+        """A worker node is gone (or, given ``queue``, no longer serves that queue): its jobs
+        (of that queue) go back to pending (or dead, out of attempts)."""
         results = []
         for (worker_key, _queue), worker in list(self.workers.items()):
-            if worker_key != key:
+            if worker_key != key or (queue is not None and _queue != queue):
                 continue
             for job_id in list(worker.outstanding):
                 results.append(self._lost(self.jobs[job_id], "worker went away"))

@@ -551,10 +551,10 @@ class Mesh:
 
     # ------------------------------------------------------------------ events out
 
-    def set_prefixes(self, prefixes: set[bytes]) -> None:
-        """Make every SUB socket subscribe to exactly ``prefixes``."""
-        added, removed = prefixes - self.prefixes, self.prefixes - prefixes
-        self.prefixes = set(prefixes)
+    def update_prefixes(self, added: set[bytes], removed: set[bytes]) -> None:
+        """Subscribe every SUB socket to ``added`` prefixes and drop ``removed`` ones."""
+        self.prefixes |= added
+        self.prefixes -= removed
         for link in self.links.values():
             if link.sub is None:
                 continue

@@ -195,7 +195,7 @@ class Node:
         self.mesh: Mesh | None = None
         self.mqtt_server: Any = None
         self.discovery: list[Any] = []
-        self.jobs = JobService(self)
+        self.jobs = JobService(self, config.jobs.lease, config.jobs.max_attempts)
         self.job_bridge = JobBridge(self)
         self._closed = asyncio.Event()
         self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
@@ -508,21 +508,21 @@ class Node:
         if worker_queue(filt) is not None:
             self.job_bridge.remove_worker(subscriber)
         removed = self.router.unsubscribe(subscriber, filt)
-        if removed:
-            self._update_mesh_subscriptions()
+        self._update_mesh_subscriptions()
         return removed
 
     def _unsubscribe_all(self, subscriber: Subscriber) -> None:
         self.job_bridge.remove_worker(subscriber)
-        if self.router.remove(subscriber):
-            self._update_mesh_subscriptions()
+        self.router.remove(subscriber)
+        self._update_mesh_subscriptions()
         self._sys_subscribers.discard(subscriber)
 
     remove_subscriber = _unsubscribe_all
 
     def _update_mesh_subscriptions(self) -> None:
-        if self.mesh is not None:
-            self.mesh.set_prefixes(self.router.mesh_prefixes())
+        added, removed = self.router.take_prefix_changes()
+        if self.mesh is not None and (added or removed):
+            self.mesh.update_prefixes(added, removed)
 
     # ------------------------------------------------------------------ introspection
 
@@ -564,6 +564,11 @@ class Node:
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "control_port": self.mesh.control_port if self.mesh else None,
                 "stats": {**self.stats, **(self.mesh.stats if self.mesh else {})},
+                "mqtt": {
+                    "clients": len(self.mqtt_server.connections) if self.mqtt_server else 0,
+                    "dropped_total": self.mqtt_server.dropped_total if self.mqtt_server else 0,
+                    "protocol_errors_total": self.mqtt_server.protocol_errors_total if self.mqtt_server else 0,
+                },
                 "retained": {
                     "entries": len(self.replica.cache),
                     "bytes": self.replica.cache.live_bytes,

@@ -122,9 +122,17 @@ class RetainedCache:
 
     def match(self, filt: str, now_ms: int = 0) -> Iterator[RetainedEntry]:
         """Live, unexpired entries whose topic the filter matches, in topic order."""
-        for topic in sorted(self._entries):
-            entry = self._entries[topic]
-            if not entry.deleted and not (now_ms and entry.expired(now_ms)) and matches(filt, topic):
+        if "+" not in filt and "#" not in filt:
+            # A filter without wildcards matches one topic: a lookup, not a scan. (Sorting
+            # and matching every topic made each SUBSCRIBE, $SYS ones included, hold the
+            # event loop for ~190 ms on a node with 100,000 retained entries.)
+            entry = self.get(filt, now_ms)
+            if entry is not None:
+                yield entry
+            return
+        for topic in sorted(t for t in self._entries if matches(filt, t)):  # sort matches only
+            entry = self._entries.get(topic)
+            if entry is not None and not entry.deleted and not (now_ms and entry.expired(now_ms)):
                 yield entry
 
     def live(self) -> Iterator[RetainedEntry]:

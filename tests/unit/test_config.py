@@ -66,7 +66,7 @@ def test_defaults_with_only_a_name(tmp_path: Path) -> None:
     assert config.mesh.listen == "127.0.0.1:7100" and config.mesh.peers == ()
     assert (config.mesh.heartbeat_interval, config.mesh.peer_expiry) == (1.0, 5.0)
     assert config.mqtt == MqttConfig(
-        listen="127.0.0.1:1883", max_packet_size=1048576, max_inflight=20, max_queued=1000
+        listen="127.0.0.1:1883", max_packet_size=1048576, max_inflight=20, max_queued=10_000
     )
     assert config.log == LogConfig(level="info")
     assert (
