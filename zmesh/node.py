@@ -409,6 +409,8 @@ class Node:
         self, topic: str, payload: bytes, qos: int, properties: dict[str, Any] | None, origin: str
     ) -> None:
         """Hand a message that arrived from the mesh (retained channel) to local subscribers."""
+        if not len(self.router.trie):
+            return  # nobody here yet (a late joiner's first sync): skip validation and matching
         if not self._topic_bytes.get(topic):
             try:
                 if not self._topic(topic):

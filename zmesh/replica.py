@@ -120,8 +120,8 @@ class RetainedReplica:
         self._enqueue(entry, future)
         return wire.encode_retained_item(payload, qos, timestamp, properties, expires_at), future
 
-    def _merge(self, entry: RetainedEntry) -> bool:
-        result = self.cache.merge(entry, _now_ms())
+    def _merge(self, entry: RetainedEntry, now_ms: int = 0) -> bool:
+        result = self.cache.merge(entry, now_ms or _now_ms())
         if result is Merge.FULL:
             self.refused_total += 1
             if self.refused_total == 1 or self.refused_total % 1000 == 0:
@@ -218,10 +218,12 @@ class RetainedReplica:
 
     def apply_sync(self, peer: Peer, entries: list[RetainedEntry]) -> None:
         """Entries fetched by anti-entropy: what is news is stored and told to subscribers."""
+        now = _now_ms()
+        observe, merge, enqueue = self.clock.observe, self._merge, self._enqueue
         for entry in entries:
-            self.clock.observe(entry.timestamp)
-            if self._merge(entry):
-                self._enqueue(entry)
+            observe(entry.timestamp)
+            if merge(entry, now):
+                enqueue(entry)
                 if not entry.deleted:
                     self.deliver(entry.topic, entry.payload, entry.qos, entry.properties, entry.origin)
 
