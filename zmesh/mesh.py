@@ -51,6 +51,9 @@ MAX_FRAMES_PER_WAKEUP = 64  # frames (of up to 1024 messages) per burst between 
 CONGESTION_DELAY = 0.01
 BYE_LINGER_MS = 200
 SYNC_TIMEOUT = 10.0  # a sync unanswered this long is asked again
+# A hint that names a trusted key must lead to a completed handshake with that key within
+# this time; otherwise the key did not match the server there, and the hint is dropped.
+HINT_CONFIRM_TIMEOUT = 10.0
 
 EventHandler = Callable[[Peer, str, list[bytes | wire.Item], bool], None]
 PeerHandler = Callable[[PeerEvent], None]
@@ -141,6 +144,7 @@ class Mesh:
             "bad_frames": 0,
             "refused_hellos": 0,
             "untrusted_hints": 0,
+            "unconfirmed_hints": 0,
             "syncs_requested": 0,
             "sync_entries_in": 0,
             "sync_entries_out": 0,
@@ -154,6 +158,7 @@ class Mesh:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned: set[str] = set()
         self._own_hosts: set[str] = set()
+        self._unconfirmed: dict[str, tuple[float, Hint]] = {}  # hinted key -> (deadline, hint)
         # Work queues (zmesh.jobqueue wires these): what we serve, and where jobs go.
         self.local_queues: dict[str, int] = {}
         self.on_hello: Callable[[str, wire.Hello], None] | None = None
@@ -236,8 +241,25 @@ class Mesh:
             )
             return
         # The handshake proves the key: an impostor using a trusted key's name never
-        # completes it, and so never becomes a member.
+        # completes it, and so never becomes a member; unconfirmed, it is dropped and counted.
         self._link_to(hint.key, hint.host, hint.port)
+        self._unconfirmed[hint.key] = (time.monotonic() + HINT_CONFIRM_TIMEOUT, hint)
+
+    def _confirm_hints(self, now: float) -> None:
+        for key, (deadline, hint) in list(self._unconfirmed.items()):
+            peer = self.membership.peers.get(key)
+            if peer is not None and peer.hello is not None:
+                del self._unconfirmed[key]  # the handshake with that key completed: confirmed
+            elif now > deadline:
+                del self._unconfirmed[key]
+                self.stats["unconfirmed_hints"] += 1
+                self._warn_once(
+                    f"unconfirmed:{key}:{hint.host}",
+                    "%s hint %s at %s:%d claims a trusted key, but no handshake with it completed "
+                    "in %g s (a key that does not match the server there): dropped",
+                    hint.source, hint.name or "?", hint.host, hint.port, HINT_CONFIRM_TIMEOUT,
+                )
+                self.drop_peer(key)
 
     def lost(self, hint: Hint) -> None:
         """A peer said goodbye (mDNS), or an address left DNS: down now / stop dialling it."""
@@ -541,6 +563,7 @@ class Mesh:
                         link.last_hello = now
             for event in self.membership.expire(now):
                 self._apply(event)
+            self._confirm_hints(now)
             for link in self.links.values():
                 if link.sub is not None and link.peer.state in MEMBER_STATES:
                     if link.sync_pending and now - link.last_sync > SYNC_TIMEOUT:
