@@ -425,14 +425,15 @@ def jobs_stats(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Per queue on this node: depth, in flight, oldest job age, redeliveries, dead letters."""
-    found = _fetch_sys("$SYS/zmesh/jobs", host, port, username, password)
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    typer.echo(f"{'QUEUE':20} {'DEPTH':>7} {'IN FLIGHT':>9} {'OLDEST':>8} {'DONE':>8} {'REDELIVERED':>11} {'DEAD':>6}")
-    for name, s in found.items():
-        typer.echo(f"{name:20} {s['depth']:>7} {s['in_flight']:>9} {s['oldest_age']:>7.1f}s {s['done_total']:>8} "
-                   f"{s['redeliveries_total']:>11} {s['dead_total']:>6}")
+
+    def render(found: dict[str, Any]) -> str:
+        lines = [f"{'QUEUE':20} {'DEPTH':>7} {'IN FLIGHT':>9} {'OLDEST':>8} {'DONE':>8} {'REDELIVERED':>11} {'DEAD':>6}"]
+        for name, s in found.items():
+            lines.append(f"{name:20} {s['depth']:>7} {s['in_flight']:>9} {s['oldest_age']:>7.1f}s "
+                         f"{s['done_total']:>8} {s['redeliveries_total']:>11} {s['dead_total']:>6}")
+        return "\n".join(lines)
+
+    _show_sys("$SYS/zmesh/jobs", host, port, username, password, as_json, render)
 
 
 # ---------------------------------------------------------------------------- introspection
@@ -460,6 +461,15 @@ def _fetch_sys(topic: str, host: str, port: int, username: str | None, password:
     return result[0]
 
 
+def _show_sys(
+    topic: str, host: str, port: int, username: str | None, password: str | None,
+    as_json: bool, render: Any,
+) -> None:
+    """Print a node's $SYS value as JSON or through ``render``."""
+    found = _fetch_sys(topic, host, port, username, password)
+    typer.echo(json.dumps(found, indent=2) if as_json else render(found))
+
+
 @app.command()
 def peers(
     host: Host = "127.0.0.1",
@@ -469,14 +479,15 @@ def peers(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ask a running node which peers it sees, and in what state."""
-    found = _fetch_sys("$SYS/zmesh/peers", host, port, username, password)
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
-    typer.echo(f"{'NAME':16} {'STATE':11} {'ADDRESS':22} {'FOR':>8} {'SEEN':>7}  KEY")
-    for p in found:
-        seen = "-" if p["last_seen_s"] is None else f"{p['last_seen_s']}s"
-        typer.echo(f"{p['name'] or '?':16} {p['state']:11} {p['address']:22} {p['for_s']:>7}s {seen:>7}  {p['key']}")
+
+    def render(found: list[dict[str, Any]]) -> str:
+        lines = [f"{'NAME':16} {'STATE':11} {'ADDRESS':22} {'FOR':>8} {'SEEN':>7}  KEY"]
+        for p in found:
+            seen = "-" if p["last_seen_s"] is None else f"{p['last_seen_s']}s"
+            lines.append(f"{p['name'] or '?':16} {p['state']:11} {p['address']:22} {p['for_s']:>7}s {seen:>7}  {p['key']}")
+        return "\n".join(lines)
+
+    _show_sys("$SYS/zmesh/peers", host, port, username, password, as_json, render)
 
 
 @app.command("topics")
@@ -488,13 +499,9 @@ def topics_cmd(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Print the retained topic tree of a running node."""
-    found = _fetch_sys("$SYS/zmesh/topics", host, port, username, password)
-    if as_json:
-        typer.echo(json.dumps(found, indent=2))
-        return
     from zmesh.topictree import render_tree
 
-    typer.echo(render_tree(found))
+    _show_sys("$SYS/zmesh/topics", host, port, username, password, as_json, render_tree)
 
 
 @app.command()
