@@ -2,8 +2,8 @@
 zmesh against raw pyzmq, with 1 and 3 worker processes.
 
 ```sh
-python -m benchmarks.jobs            # N = 20,000 jobs per run, 3 runs per row (~2 min on 2 cores)
-python -m benchmarks.jobs --quick    # N = 3,000, 1 run per row (~30 s)
+python -m benchmarks.jobs            # N = 20,000 jobs per run, 3 runs per row (~30 s on 2 cores)
+python -m benchmarks.jobs --quick    # N = 3,000, 1 run per row (~10 s)
 ```
 
 Every role is its own process (multiprocessing spawn), all on tcp://127.0.0.1 with CURVE
@@ -19,6 +19,8 @@ encryption and ZAP authentication against a directory of trusted keys:
   workers connect a PULL and a PUSH. A job is ``msgpack([id, payload])``, an ack is the id;
   the submitter sends as fast as the high-water marks let it (no credit window, no
   redelivery, no bookkeeping beyond a dict of outstanding ids) and counts acks.
+
+``ZMESH_BENCH_PROFILE=DIR`` writes a cProfile file per child into DIR.
 
 A run is timed from the first submit to the last ack at the submitter; jobs/s = N / that
 time, median of the runs. Before timing, each deployment waits until every worker is
@@ -80,6 +82,13 @@ def child_main(system: str, role: str, index: int, conn: Connection, certs: str,
                args: dict[str, Any]) -> None:
     logging.basicConfig(filename=log_path, level=logging.WARNING,
                         format=f"%(asctime)s {system}/{role}{index} %(levelname)s %(name)s: %(message)s")
+    profile_dir = os.environ.get("ZMESH_BENCH_PROFILE")  # cProfile each child into this dir
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         if system == "zmesh":
             asyncio.run(_zmesh_child(role, index, conn, Path(certs), args))
@@ -94,6 +103,10 @@ def child_main(system: str, role: str, index: int, conn: Connection, certs: str,
         except OSError:
             pass
         raise
+    finally:
+        if profiler is not None and profile_dir:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"jobs-{system}-{role}{index}-{os.getpid()}.prof"))
 
 
 async def _zmesh_child(role: str, index: int, conn: Connection, certs: Path, args: dict[str, Any]) -> None:
@@ -390,7 +403,8 @@ def conditions(n: int, reps: int, quick: bool) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = []
-    for workers in WORKER_COUNTS:
+    worker_counts = sorted({r["workers"] for r in runs})
+    for workers in worker_counts:
         for system in SYSTEMS:
             mine = [r for r in runs if r["system"] == system and r["workers"] == workers]
             if not mine:
@@ -404,7 +418,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[st
                 "background_cores_max": max(r["background_cores"] for r in mine),
             })
     ratios = {}
-    for workers in WORKER_COUNTS:
+    for workers in worker_counts:
         by = {r["system"]: r for r in rows if r["workers"] == workers}
         if "zmesh" in by and "raw" in by:
             ratio = by["raw"]["jobs_per_s_median"] / by["zmesh"]["jobs_per_s_median"]
@@ -456,22 +470,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"N = {N_QUICK:,}, {REPS_QUICK} run per row")
     parser.add_argument("--n", type=int, help="jobs per run")
     parser.add_argument("--reps", type=int, help="runs per row")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated: zmesh,raw")
+    parser.add_argument("--workers", default=",".join(map(str, WORKER_COUNTS)), help="worker counts, e.g. 1,3")
     parser.add_argument("--no-save", action="store_true")
     options = parser.parse_args(argv)
     n = options.n or (N_QUICK if options.quick else N_FULL)
     reps = options.reps or (REPS_QUICK if options.quick else REPS_FULL)
-    custom = options.n is not None or options.reps is not None
+    systems = [x for x in options.systems.split(",") if x]
+    worker_counts = [int(x) for x in options.workers.split(",") if x]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown or not systems or not worker_counts or min(worker_counts) < 1:
+        parser.error(f"--systems: choose from {', '.join(SYSTEMS)}; --workers: positive counts")
+    custom = (options.n is not None or options.reps is not None or systems != list(SYSTEMS)
+              or worker_counts != list(WORKER_COUNTS))
 
     ctx = mp.get_context("spawn")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     report: dict[str, Any] = {"timestamp": stamp, "conditions": conditions(n, reps, options.quick), "runs": []}
+    report["conditions"].update(systems=systems, worker_counts=worker_counts)
     deployments: list[Deployment] = []
     with tempfile.TemporaryDirectory(prefix="zmesh-bench-jobs-") as tmp:
         try:
-            for workers in WORKER_COUNTS:
-                for system in SYSTEMS:
+            for workers in worker_counts:
+                for system in systems:
                     progress(f"starting {system} with {workers} worker process(es)")
                     deployments.append(Deployment(ctx, system, workers, Path(tmp)))
+                    progress("  pids: " + ", ".join(f"{c.label} {c.proc.pid}" for c in deployments[-1].children))
             for rep in range(reps):
                 for deployment in deployments:
                     run = deployment.run(n)

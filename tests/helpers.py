@@ -64,7 +64,9 @@ class NodeProcess:
     ) -> None:
         self.name = name
         self.workdir = workdir
-        self.control_port = control_port or free_port()
+        # 0: an ephemeral port the node binds itself, read back from its ready file (no race
+        # with other processes for a port picked here and released before the node binds it).
+        self.control_port = free_port() if control_port is None else control_port
         self.ready_file = workdir / f"{name}-{uuid.uuid4().hex[:6]}.ready"
         self.log_path = workdir / f"{name}.log"
         args = [
@@ -86,6 +88,7 @@ class NodeProcess:
         STARTED.append(self)
         info = wait_until(self._ready, 20, f"node {name} to start (log: {self.log_path})")
         self.mqtt_port: int = info["mqtt_port"]
+        self.control_port = info["control_port"]
 
     def _ready(self) -> dict[str, Any] | None:
         if self.process.poll() is not None:
@@ -538,7 +541,8 @@ class MqttWorker:
     job at a time). Each job is handed to a thread that calls ``handle(job_id, payload)``:
     bytes -> ``$jobs/done/ID`` with them, a str -> ``$jobs/fail/ID`` with that reason, None ->
     the job is held and never answered (a hung scanner). ``received`` lists every job id
-    delivered, in order (redeliveries included)."""
+    delivered, in order (redeliveries included); ``answered`` those whose answer the node
+    acknowledged."""
 
     def __init__(self, port: int, job_queue: str, handle: Callable[[str, bytes], bytes | str | None],
                  name: str = "") -> None:
@@ -547,6 +551,7 @@ class MqttWorker:
         self.name = name or f"w-{uuid.uuid4().hex[:6]}"
         self.queue, self.handle = job_queue, handle
         self.received: list[str] = []
+        self.answered: list[str] = []
         self.errors: list[BaseException] = []
         self._jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.name}-{uuid.uuid4().hex[:6]}")
@@ -576,9 +581,13 @@ class MqttWorker:
                 self.errors.append(exc)
                 continue
             if isinstance(answer, bytes):
-                self.client.publish(f"$jobs/done/{job_id}", answer, qos=1)
+                info = self.client.publish(f"$jobs/done/{job_id}", answer, qos=1)
             elif isinstance(answer, str):
-                self.client.publish(f"$jobs/fail/{job_id}", answer.encode(), qos=1)
+                info = self.client.publish(f"$jobs/fail/{job_id}", answer.encode(), qos=1)
+            else:
+                continue
+            info.wait_for_publish(timeout=10)
+            self.answered.append(job_id)  # the node has the answer (PUBACK)
 
     def close(self) -> None:
         self._jobs.put(None)

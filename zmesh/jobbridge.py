@@ -88,6 +88,16 @@ class _QueueWorkers:
             if not self.idle:  # the idle client left while we waited for a job
                 work._items.appendleft(item)
                 continue
+            held = self.bridge.items.get(item.id)
+            if held is not None:
+                # Delivered again (its lease ran out) while a client here still works on it:
+                # that client's answer serves this delivery too. Handing it to a second client
+                # would tie two clients to one job id, and the first answer would free the
+                # wrong one, leaving the other's slot taken for good.
+                _, worker, workers = held
+                workers.busy[worker] = item
+                self.bridge.items[item.id] = (item, worker, workers)
+                continue
             worker = self.idle.popleft()
             self.busy[worker] = item
             self.bridge.items[item.id] = (item, worker, self)

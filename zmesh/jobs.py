@@ -176,8 +176,13 @@ class Dispatcher:
         return True
 
     def expire(self, now: float) -> list[tuple[Job, Outcome]]:
-        """Jobs whose lease ran out: retried or dead."""
-        late = [j for j in self.jobs.values() if j.worker is not None and j.deadline <= now]
+        """Jobs whose lease ran out: retried or dead.
+
+        Only jobs in flight are looked at (at most the workers' total prefetch), never the
+        whole backlog: this runs every tick, and a deep queue must not cost CPU while idle."""
+        jobs = self.jobs
+        late = [jobs[i] for w in self.workers.values() for i in w.outstanding if jobs[i].deadline <= now]
+        late.sort(key=lambda j: (j.deadline, j.submitted_at))
         return [self._lost(job, f"lease of {self.lease:g} s expired at worker") for job in late]
 
     def _lost(self, job: Job, reason: str) -> tuple[Job, Outcome]:
