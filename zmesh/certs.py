@@ -23,7 +23,6 @@ import datetime
 import logging
 import os
 import re
-import stat
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import zmq
 from zmq.utils import z85
+
+from zmesh.secretfile import read_secret_file
 
 log = logging.getLogger("zmesh.certs")
 
@@ -149,42 +150,10 @@ def _write_replace(path: Path, data: bytes, mode: int) -> None:
 
 
 def _read_cert_bytes(path: Path, *, check_mode: bool) -> bytes:
-    try:
-        # O_NONBLOCK: a FIFO under a certificate's name must fail the S_ISREG check below,
-        # not hang the node in open(). It changes nothing for regular files.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise CertError(f"{path}: certificate file not found") from None
-    except OSError as exc:
-        raise CertError(f"{path}: cannot open certificate: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # of the file we opened, not of whatever the name points to now
-        if not stat.S_ISREG(st.st_mode):
-            raise CertError(f"{path}: not a regular file")
-        if st.st_size > _MAX_CERT_BYTES:
-            raise CertError(f"{path}: too large to be a certificate ({st.st_size} bytes)")
-        mode = stat.S_IMODE(st.st_mode)
-        if check_mode and mode & ~0o600:
-            log.warning(
-                "%s: secret certificate has mode %04o, wider than 0600; "
-                "anyone who can read it can impersonate this node (fix: chmod 600 %s)",
-                path,
-                mode,
-                path,
-            )
-        chunks = []
-        while True:
-            chunk = os.read(fd, _MAX_CERT_BYTES + 1)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > _MAX_CERT_BYTES:
-                raise CertError(f"{path}: too large to be a certificate")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise CertError(f"{path}: cannot read certificate: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+    return read_secret_file(
+        path, noun="certificate", error=CertError, max_bytes=_MAX_CERT_BYTES, log=log,
+        mode_warning="anyone who can read it can impersonate this node" if check_mode else None,
+    )
 
 
 def _parse(path: Path, data: bytes) -> tuple[bytes, bytes | None]:

@@ -23,12 +23,13 @@ import binascii
 import hashlib
 import logging
 import os
-import stat
 import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from zmesh.secretfile import read_secret_file
 
 log = logging.getLogger("zmesh.keys")
 
@@ -134,33 +135,10 @@ def load_key_file(path: Path) -> bytes:
     into an outage.
     """
     path = Path(path)
-    try:
-        # O_NONBLOCK: a FIFO under the key's name must fail the S_ISREG check, not hang.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file not found") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot open key file: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # of the file we opened, not of whatever the name points to now
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path}: not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & ~0o600:
-            log.warning(
-                "%s: store key file has mode %04o, wider than 0600; anyone who can read it "
-                "can decrypt the store (fix: chmod 600 %s)",
-                path,
-                mode,
-                path,
-            )
-        data = os.read(fd, _MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read key file: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: too large to be a key file")
+    data = read_secret_file(
+        path, noun="key file", error=KeyFileError, max_bytes=_MAX_KEY_FILE_BYTES, log=log,
+        mode_warning="anyone who can read it can decrypt the store",
+    )
     try:
         key = base64.b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):
