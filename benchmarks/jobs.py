@@ -48,12 +48,11 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks.pubsub import _cpu_jiffies, _cpu_model, _git
+from benchmarks.pubsub import _cpu_jiffies, _cpu_model, _git, guarded_child
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -82,31 +81,13 @@ def child_main(system: str, role: str, index: int, conn: Connection, certs: str,
                args: dict[str, Any]) -> None:
     logging.basicConfig(filename=log_path, level=logging.WARNING,
                         format=f"%(asctime)s {system}/{role}{index} %(levelname)s %(name)s: %(message)s")
-    profile_dir = os.environ.get("ZMESH_BENCH_PROFILE")  # cProfile each child into this dir
-    profiler = None
-    if profile_dir:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    try:
+    def body() -> None:
         if system == "zmesh":
             asyncio.run(_zmesh_child(role, index, conn, Path(certs), args))
         else:
             _raw_child(role, index, conn, Path(certs), args)
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        pass  # the parent went away
-    except BaseException:
-        logging.getLogger("bench").exception("child failed")
-        try:
-            conn.send({"error": traceback.format_exc()})
-        except OSError:
-            pass
-        raise
-    finally:
-        if profiler is not None and profile_dir:
-            profiler.disable()
-            profiler.dump_stats(os.path.join(profile_dir, f"jobs-{system}-{role}{index}-{os.getpid()}.prof"))
+
+    guarded_child(conn, f"jobs-{system}-{role}{index}-{os.getpid()}", body)
 
 
 async def _zmesh_child(role: str, index: int, conn: Connection, certs: Path, args: dict[str, Any]) -> None:

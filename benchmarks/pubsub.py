@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,34 @@ def _usage() -> dict[str, float]:
     return {"cpu_s": time.process_time(), "maxrss_kib": ru.ru_maxrss}
 
 
+def guarded_child(conn: Connection, profile_name: str, body: Callable[[], None]) -> None:
+    """Run a benchmark child: a crash is logged and sent to the parent (which reports it
+    instead of waiting), the parent going away ends it quietly, and with
+    ZMESH_BENCH_PROFILE=DIR it is cProfiled into DIR/<profile_name>.prof."""
+    profile_dir = os.environ.get("ZMESH_BENCH_PROFILE")
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        body()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the parent went away: just exit
+    except BaseException:
+        logging.getLogger("bench").exception("child failed")
+        try:
+            conn.send({"error": traceback.format_exc()})
+        except OSError:
+            pass
+        raise
+    finally:
+        if profiler is not None and profile_dir:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{profile_name}.prof"))
+
+
 def child_main(
     system: str,
     role: str,
@@ -119,31 +148,13 @@ def child_main(
         level=logging.INFO,
         format=f"%(asctime)s {system}/{role} %(levelname)s %(name)s: %(message)s",
     )
-    profile_dir = os.environ.get("ZMESH_BENCH_PROFILE")  # cProfile each child into this dir
-    profiler = None
-    if profile_dir:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    try:
+    def body() -> None:
         if system == "zmesh":
             asyncio.run(_zmesh_child(role, conn, Path(certs)))
         else:
             _raw_child(system, role, conn, Path(certs), hwm)
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        pass  # the parent went away: just exit
-    except BaseException:
-        logging.getLogger("bench").exception("child failed")
-        try:
-            conn.send({"error": traceback.format_exc()})
-        except OSError:
-            pass
-        raise
-    finally:
-        if profiler is not None and profile_dir:
-            profiler.disable()
-            profiler.dump_stats(os.path.join(profile_dir, f"{system}-{role}.prof"))
+
+    guarded_child(conn, f"{system}-{role}", body)
 
 
 # ---------------------------------------------------------------------------- zmesh
