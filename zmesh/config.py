@@ -12,7 +12,7 @@ kind of mistake that costs an afternoon.
 Layout::
 
     [node]  name, data_dir
-    [mesh]  listen, cert, trusted, peers, heartbeat_interval, peer_expiry, advertise_host
+    [mesh]  listen, cert, trusted, peers, heartbeat_interval, peer_expiry, advertise_host, policy
     [mqtt]  listen, max_packet_size, max_inflight, max_queued
     [discovery] mode, interface, dns_name, dns_port, dns_interval
     [retained] max_entries, max_bytes, tombstone_ttl, anti_entropy_interval
@@ -66,6 +66,8 @@ class MeshConfig:
     peer_expiry: float = 5.0
     peer_evasive: float | None = None  # silence after which a peer shows as evasive (default: expiry / 2)
     advertise_host: str | None = None  # host other nodes use to reach us when listen is 0.0.0.0
+    # [mesh.policy]: peer name glob (or "key:<z85>") -> topic filters it may publish to
+    policy: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,20 @@ def _peers(value: Any, cli: bool) -> tuple[str, ...]:
     return tuple(peers)
 
 
+def _mesh_policy(value: Any, cli: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from zmesh.meshpolicy import PolicyError, validate_rules
+
+    if not isinstance(value, dict):
+        raise ValueError(
+            'expected a table of peer name patterns to arrays of topic filters, e.g. '
+            f'[mesh.policy] "scanner-*" = ["scans/#"], got {_describe(value)}'
+        )
+    try:
+        return validate_rules(value.items())
+    except PolicyError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _advertise_host(value: Any, cli: bool) -> str:
     host = _str(value, cli)
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -393,6 +409,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
         "peer_expiry": (_positive_float, False, False),
         "peer_evasive": (_positive_float, False, True),
         "advertise_host": (_advertise_host, False, True),
+        "policy": (_mesh_policy, False, False),
     },
     "mqtt": {
         "listen": (_optional_listen, False, True),

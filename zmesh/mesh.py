@@ -128,6 +128,8 @@ class Mesh:
         if congested is not None:
             self.congested = congested  # type: ignore[method-assign]
         self.anti_entropy_interval = anti_entropy_interval
+        # The node's mesh policy check (peer, topic, count) -> allowed; None: no policy.
+        self.may_publish: Callable[[Peer, str, int], bool] | None = None
         self.retained_seq = 0
         self._pending_retained: dict[bytes, list[Any]] = {}
         self.own_key = transport.identity.public.decode()
@@ -688,7 +690,8 @@ class Mesh:
 
     def _on_retained_frame(self, link: _Link, frame: bytes) -> None:
         topic, items, seq = wire.decode_retained_frame(frame)
-        self.replica.apply_live(link.peer, topic, items)
+        if self.may_publish is None or self.may_publish(link.peer, topic, len(items)):
+            self.replica.apply_live(link.peer, topic, items)
         if link.synced_upto is None:
             link.max_seen = seq if link.max_seen is None else max(link.max_seen, seq)
         elif seq > link.synced_upto + 1:
@@ -702,8 +705,12 @@ class Mesh:
     def _on_sync_data(self, link: _Link, message: wire.ControlMessage) -> None:
         assert message.entries is not None
         self.stats["sync_entries_in"] += len(message.entries)
-        if message.entries:
-            self.replica.apply_sync(link.peer, message.entries)
+        entries = message.entries
+        if entries and self.may_publish is not None:
+            allowed = self.may_publish
+            entries = [entry for entry in entries if allowed(link.peer, entry.topic, 1)]
+        if entries:
+            self.replica.apply_sync(link.peer, entries)
         if not message.last:
             return
         link.sync_pending = False

@@ -30,6 +30,7 @@ from zmesh.config import NodeConfig, load_config, parse_hostport
 from zmesh.jobbridge import JobBridge, is_local_only, worker_queue
 from zmesh.jobqueue import JobHandle, JobService, WorkQueue
 from zmesh.membership import EventKind, Peer, PeerEvent
+from zmesh.meshpolicy import MeshPolicy, TopicGate
 from zmesh.mesh import Mesh
 from zmesh.replica import RetainedReplica
 from zmesh.routing import LocalRouter, Subscriber
@@ -186,7 +187,10 @@ class Node:
             config.name, config.retained, config.store, config.data_dir, self._deliver_local
         )
         self.started_at = 0.0
-        self.stats = {"delivered_from_mesh": 0, "bad_topics": 0}
+        self.stats = {"delivered_from_mesh": 0, "bad_topics": 0, "policy_denied": 0}
+        self.mesh_policy = MeshPolicy(config.mesh.policy)
+        # peer key -> its gate (None: unrestricted); filled on first use, reset when trust reloads
+        self._gates: dict[str, TopicGate | None] = {}
         self._topic_bytes: dict[str, bytes] = {}  # validated topic -> wire form (b"": local only)
         self._publish_calls = 0
         self._done: asyncio.Future[None] | None = None
@@ -229,6 +233,8 @@ class Node:
             congested=lambda: bool(self._behind),
             anti_entropy_interval=self.config.retained.anti_entropy_interval,
         )
+        if self.mesh_policy:
+            self.mesh.may_publish = self.peer_may_publish
         try:
             await self.mesh.start()
             for seed in mesh_config.peers:
@@ -320,6 +326,7 @@ class Node:
         ring = self.transport.ring
         before = set(ring.keys())
         added, removed = ring.reload()  # validates everything first; raises and keeps the old ring
+        self._gates.clear()  # names may now belong to other keys
         revoked = before - set(ring.keys())
         for key in revoked:
             self.mesh.drop_peer(key.decode())
@@ -433,6 +440,8 @@ class Node:
                 return
         if not encoded:
             return  # $SYS is node-local: a peer has no business sending it
+        if self.mesh_policy and not self.peer_may_publish(peer, topic, len(items)):
+            return
         targets = self.router.targets(topic)
         origin = peer.name
         self.stats["delivered_from_mesh"] += len(items)
@@ -448,6 +457,23 @@ class Node:
             payload, qos, _retain, _timestamp, properties = cast(wire.Item, item)
             for subscriber, granted in targets:
                 subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
+
+    def peer_may_publish(self, peer: Peer, topic: str, count: int = 1) -> bool:
+        """The mesh policy's verdict on ``peer`` publishing to ``topic`` (see meshpolicy)."""
+        gate = self._gates.get(peer.key, False)
+        if gate is False:
+            ring = self.transport.ring if self.transport is not None else None
+            name = ring.name_of(peer.key.encode()) if ring is not None else None
+            gate = self._gates[peer.key] = self.mesh_policy.gate_for(name, peer.key)
+        if gate is None or gate.allows(topic):
+            return True
+        self.stats["policy_denied"] += count
+        if self.mesh is not None:
+            self.mesh._warn_once(
+                f"policy:{peer.key}",  # once per peer: a hostile one could vary topics forever
+                "mesh policy: %s may not publish to %s; dropped", peer.label, topic,
+            )
+        return False
 
     def _caught_up(self, subscription: Subscription) -> None:
         self._behind.discard(subscription)

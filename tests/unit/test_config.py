@@ -490,3 +490,21 @@ def test_discovery_modes_from_file_and_command_line(tmp_path) -> None:
         load_config(None, {"node.name": "n", "discovery.mode": "carrier-pigeon"})
     with pytest.raises(ConfigError, match=r"mesh.peer_evasive: must be less than"):
         load_config(None, {"node.name": "n", "mesh.peer_evasive": "6"})
+
+
+def test_mesh_policy_keeps_rule_order(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n[mesh.policy]\n"scanner-*" = ["scans/#"]\n"*" = []\n')
+    assert load_config(path).mesh.policy == (("scanner-*", ("scans/#",)), ("*", ()))
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[mesh]\npolicy = ["scans/#"]', "expected a table of peer name patterns"),
+        ('[mesh.policy]\n"scanner-*" = "scans/#"', "expected an array of topic filters"),
+        ('[mesh.policy]\n"scanner-*" = ["scans/#/x"]', "'#' must be the last level"),
+    ],
+)
+def test_bad_mesh_policy_names_the_key(tmp_path: Path, body: str, message: str) -> None:
+    error = error_of(write(tmp_path, f'[node]\nname = "a"\n{body}\n'))
+    assert error.key == "mesh.policy" and message in str(error)
