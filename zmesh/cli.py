@@ -75,10 +75,8 @@ DnsNameOpt = Annotated[str | None, typer.Option("--dns-name", help="Headless Ser
 LogLevelOpt = Annotated[str | None, typer.Option("--log-level")]
 
 
-def _node_config(config: Path | None, flags: dict[str, Any]) -> Any:
-    """Load the config file (if any) with the flags that were given laid over it."""
-    from zmesh.config import ConfigError, load_config
-
+def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags that were given, as config overrides (dotted key -> str or list of str)."""
     keys = {
         "name": "node.name", "cert": "mesh.cert", "trusted": "mesh.trusted", "mqtt": "mqtt.listen",
         "listen": "mesh.listen", "data_dir": "node.data_dir", "log_level": "log.level",
@@ -89,8 +87,15 @@ def _node_config(config: Path | None, flags: dict[str, Any]) -> Any:
     for flag, value in flags.items():
         if value is not None and value != []:
             overrides[keys[flag]] = list(value) if isinstance(value, list) else str(value)
+    return overrides
+
+
+def _node_config(config: Path | None, flags: dict[str, Any]) -> Any:
+    """Load the config file (if any) with the flags that were given laid over it."""
+    from zmesh.config import ConfigError, load_config
+
     try:
-        return load_config(config, overrides)
+        return load_config(config, _overrides(flags))
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
 
@@ -112,26 +117,13 @@ def node_run(
     ready_file: Annotated[str | None, typer.Option("--ready-file", hidden=True)] = None,
 ) -> None:
     """Run a node until SIGINT/SIGTERM; flags override the config file."""
-    import zmq
-
     from zmesh import daemon
-    from zmesh.certs import CertError
-    from zmesh.keys import KeyFileError
-    from zmesh.store import StoreError
 
     flags = dict(locals())
-    for local in ("config", "ready_file", "zmq", "daemon", "CertError", "KeyFileError", "StoreError"):
+    for local in ("config", "ready_file", "daemon"):
         flags.pop(local, None)
-    node_config = _node_config(config, flags)
-    daemon.setup_logging(node_config.log.level)
-    try:
-        asyncio.run(daemon.run(node_config, ready_file))
-    except (CertError, KeyFileError, StoreError, ValueError, OSError) as exc:
-        raise fail(str(exc)) from None
-    except zmq.ZMQError as exc:
-        raise fail(f"mesh socket: {exc} (is {node_config.mesh.listen} free?)") from None
-    except KeyboardInterrupt:
-        pass
+    _node_config(config, flags)  # a bad config is reported here, like any other CLI error
+    daemon.exec_node(config, _overrides(flags), ready_file)
 
 
 @app.command()

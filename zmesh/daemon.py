@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 from zmesh.certs import CertError
 from zmesh.config import NodeConfig
@@ -63,3 +65,58 @@ async def run(config: NodeConfig, ready_file: str | None = None) -> None:
     finally:
         await node.stop()
     log.info("node %s stopped", node.name)
+
+
+# ---------------------------------------------------------------------------- `zmesh node run`
+
+NODE_ARGS_ENV = "ZMESH_NODE_RUN"
+
+
+def exec_node(config_file: Path | None, overrides: dict[str, Any], ready_file: str | None) -> NoReturn:
+    """Replace this process (same pid, so signals and supervisors are unaffected) with
+    ``python -m zmesh.daemon``, which runs the node.
+
+    Why not run it here: the CLI's argument parser (typer) imports pydantic to coerce
+    options, ~7 MB of RSS a node would carry for its whole life for nothing."""
+    args = {"config": str(config_file) if config_file else None, "overrides": overrides, "ready_file": ready_file}
+    os.environ[NODE_ARGS_ENV] = json.dumps(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The original arguments ride along (ignored) so that ps still shows which node this is.
+    os.execv(sys.executable, [sys.executable, "-m", "zmesh.daemon", *sys.argv[1:]])
+
+
+def main() -> int:
+    """Run the node ``exec_node`` described; errors as the CLI reports them."""
+    import zmq
+
+    from zmesh.config import ConfigError, load_config
+    from zmesh.keys import KeyFileError
+    from zmesh.store import StoreError
+
+    try:
+        args = json.loads(os.environ.pop(NODE_ARGS_ENV))
+    except (KeyError, ValueError):
+        print(f"Error: run nodes with `zmesh node run` (no {NODE_ARGS_ENV} here)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(Path(args["config"]) if args["config"] else None, args["overrides"])
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level)
+    try:
+        asyncio.run(run(config, args["ready_file"]))
+    except (CertError, KeyFileError, StoreError, ValueError, OSError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except zmq.ZMQError as exc:
+        print(f"Error: mesh socket: {exc} (is {config.mesh.listen} free?)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,9 +26,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from zmesh.secretfile import read_secret_file
 
 log = logging.getLogger("zmesh.keys")
@@ -160,12 +157,18 @@ def load_key_file(path: Path) -> bytes:
 class Sealer:
     """AES-256-GCM with a random 96-bit nonce per message."""
 
-    __slots__ = ("_aead", "key_id")
+    __slots__ = ("_aead", "_invalid_tag", "key_id")
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             # Say nothing about the value: it may be a key with a byte missing.
             raise ValueError(f"a store key is {KEY_BYTES} bytes")
+        # Imported here, not at the top: cryptography costs an idle node ~6 MB of RSS, and
+        # only a node with an encrypted store needs it.
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._invalid_tag = InvalidTag
         self._aead = AESGCM(key)  # holds the key; we keep no other reference to it
         self.key_id: bytes = key_id_of(key)
 
@@ -180,7 +183,7 @@ class Sealer:
             raise SealError("sealed blob too short")
         try:
             return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
-        except InvalidTag:
+        except self._invalid_tag:
             raise SealError(
                 "sealed blob did not open (wrong key, wrong topic or tampered)"
             ) from None
