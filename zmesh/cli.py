@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from zmesh import __version__
+from zmesh.cli_auth import register as _register_auth_commands
 
 CONTEXT = {"help_option_names": ["--help"]}
 # Typer's pretty tracebacks print local variables, which may hold key material: never.
@@ -371,17 +372,27 @@ def jobs_work(
     """Run COMMAND for each job of QUEUE: `zmesh jobs work QUEUE -- COMMAND ARGS`.
 
     The payload is on stdin and the job id in $ZMESH_JOB_ID; exit 0 acknowledges with stdout
-    as the result, any other exit fails the job (it is retried elsewhere while attempts remain)."""
+    as the result, any other exit fails the job (it is retried elsewhere while attempts remain).
+    While COMMAND runs, the job's lease is extended every third of it, however long it takes."""
     import os
 
     command = list(ctx.args)
     if not command:
         raise fail("give the command after --, e.g. zmesh jobs work scan -- ./scan.sh")
 
-    async def go() -> None:
-        from zmesh.mqtt.client import Client
+    async def keep_leased(client: Any, job_id: str, lease: float) -> None:
+        # Empty payload: one more lease from now. Every third of it, so one late or lost
+        # extension still leaves time for the next.
+        while True:
+            await asyncio.sleep(max(lease / 3, 0.05))
+            await client.publish(f"$jobs/extend/{job_id}", b"", qos=0)
 
-        client = Client()
+    async def go() -> None:
+        from zmesh.jobbridge import lease_of
+        from zmesh.mqtt.client import Client
+        from zmesh.mqtt.codec import MQTT_5
+
+        client = Client(level=MQTT_5)  # MQTT 5: each job comes with its lease (a user property)
         await client.connect(host, port, username, password)
         done = 0
         try:
@@ -392,7 +403,11 @@ def jobs_work(
                     *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE, env={**os.environ, "ZMESH_JOB_ID": job_id},
                 )
-                out, err = await process.communicate(msg.payload)
+                keeper = asyncio.create_task(keep_leased(client, job_id, lease_of(msg.properties)))
+                try:
+                    out, err = await process.communicate(msg.payload)
+                finally:
+                    keeper.cancel()
                 if process.returncode == 0:
                     await client.publish(f"$jobs/done/{job_id}", out, qos=1)
                 else:
@@ -416,13 +431,16 @@ def jobs_stats(
     password: Password = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Per queue on this node: depth, in flight, oldest job age, redeliveries, dead letters."""
+    """Per queue (and shared subscription group) on this node: worker nodes serving it, depth,
+    in flight, oldest job age, done, redeliveries, dead letters."""
 
     def render(found: dict[str, Any]) -> str:
-        lines = [f"{'QUEUE':20} {'DEPTH':>7} {'IN FLIGHT':>9} {'OLDEST':>8} {'DONE':>8} {'REDELIVERED':>11} {'DEAD':>6}"]
+        lines = [f"{'QUEUE':20} {'WORKERS':>7} {'DEPTH':>7} {'IN FLIGHT':>9} {'OLDEST':>8} {'DONE':>8} "
+                 f"{'REDELIVERED':>11} {'DEAD':>6}"]
         for name, s in found.items():
-            lines.append(f"{name:20} {s['depth']:>7} {s['in_flight']:>9} {s['oldest_age']:>7.1f}s "
-                         f"{s['done_total']:>8} {s['redeliveries_total']:>11} {s['dead_total']:>6}")
+            lines.append(f"{name:20} {s.get('workers', 0):>7} {s['depth']:>7} {s['in_flight']:>9} "
+                         f"{s['oldest_age']:>7.1f}s {s['done_total']:>8} {s['redeliveries_total']:>11} "
+                         f"{s['dead_total']:>6}")
         return "\n".join(lines)
 
     _show_sys("$SYS/zmesh/jobs", host, port, username, password, as_json, render)
@@ -524,6 +542,12 @@ def bench(
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise fail(str(exc), 2) from None
     raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------- users and ACLs
+
+# `passwd`, `acl check`, `node reload` (zmesh.cli_auth)
+_register_auth_commands(app, node_app)
 
 
 def main() -> None:

@@ -13,7 +13,10 @@ Layout::
 
     [node]  name, data_dir
     [mesh]  listen, cert, trusted, peers, heartbeat_interval, peer_expiry, advertise_host, policy
-    [mqtt]  listen, max_packet_size, max_inflight, max_queued
+    [mqtt]  listen, max_packet_size, max_inflight, max_queued, password_file, acl_file,
+            allow_anonymous, max_sessions, persistent_client_expiration, topic_alias_maximum
+    [[mqtt.listeners]] address, protocol, certfile, keyfile, cafile, capath,
+            require_certificate, use_identity_as_username, tls_version, ciphers
     [discovery] mode, interface, dns_name, dns_port, dns_interval
     [retained] max_entries, max_bytes, tombstone_ttl, anti_entropy_interval
     [store] sync, sync_interval, key_file, previous_key_files
@@ -30,7 +33,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +73,70 @@ class MeshConfig:
     policy: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
+LISTENER_PROTOCOLS = ("mqtt", "websockets")  # Mosquitto's words for a listener's `protocol`
+TLS_VERSIONS = ("tlsv1.2", "tlsv1.3")  # a listener's minimum; older ones are refused
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One MQTT listener (``[[mqtt.listeners]]``); the options keep Mosquitto's names.
+
+    TLS is on when ``certfile`` is set. ``key`` says where it was configured
+    (``mqtt.listen`` or ``mqtt.listeners[N]``) so that startup errors can name it."""
+
+    address: str  # HOST:PORT to bind (Mosquitto: `listener PORT HOST`)
+    protocol: str = "mqtt"  # "mqtt" (TCP) or "websockets" (RFC 6455, subprotocol "mqtt")
+    certfile: Path | None = None  # PEM server certificate chain
+    keyfile: Path | None = None  # PEM private key, unencrypted
+    cafile: Path | None = None  # CA certificates that client certificates are checked against
+    capath: Path | None = None  # a c_rehash'ed directory of CA certificates
+    require_certificate: bool = False  # refuse a TLS client without a valid certificate
+    use_identity_as_username: bool = False  # the client certificate's CN is the username
+    tls_version: str = "tlsv1.2"  # the minimum TLS version
+    ciphers: str | None = None  # OpenSSL cipher list for TLS <= 1.2 (None: OpenSSL's default)
+    key: str = field(default="mqtt.listen", compare=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+    @property
+    def scheme(self) -> str:
+        """What a client's URL would say: mqtt, mqtts, ws or wss."""
+        return {"mqtt": "mqtt", "websockets": "ws"}[self.protocol] + ("s" if self.tls else "")
+
+    def describe(self) -> str:
+        """``mqtt.listeners[1] (mqtts)``, for log lines: the config entry and its kind."""
+        return f"{self.key} ({self.scheme})"
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     listen: str | None = "127.0.0.1:1883"  # None disables the MQTT listener
     max_packet_size: int = 1_048_576
     max_inflight: int = 20
     max_queued: int = 10_000  # a mesh frame brings up to 1024 messages at once: room for bursts
+    # Sessions (zmesh.mqtt.sessions): persistent sessions kept while their client is away,
+    # at most this many (the longest-away one goes first); 3.1.1 clean-session-0 and MQTT 5
+    # "never expires" sessions end after persistent_client_expiration seconds away (0: never,
+    # Mosquitto's default).
+    max_sessions: int = 10_000
+    persistent_client_expiration: float = 0.0
+    topic_alias_maximum: int = 10  # inbound MQTT 5 topic aliases per client (Mosquitto's max_topic_alias)
+    # More listeners (TLS, WebSocket). When any are given, `listen` is off unless it is set
+    # explicitly, as a `listener` line in mosquitto.conf replaces Mosquitto's default one.
+    listeners: tuple[ListenerConfig, ...] = ()
+    # Mosquitto-format users and ACLs (zmesh.auth). allow_anonymous None: allowed exactly
+    # when there is no password_file.
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    allow_anonymous: bool | None = None
+
+    @property
+    def all_listeners(self) -> tuple[ListenerConfig, ...]:
+        """Every listener to open: the plain ``listen`` (if set) first, then ``listeners``."""
+        default = (ListenerConfig(self.listen),) if self.listen else ()
+        return default + self.listeners
 
 
 DISCOVERY_MODES = ("static", "mdns", "dns")
@@ -267,6 +328,13 @@ def _positive_float(value: Any, cli: bool) -> float:
     return result
 
 
+def _non_negative_float(value: Any, cli: bool) -> float:
+    result = _float(value, cli)
+    if result < 0:
+        raise ValueError(f"must be 0 or more, got {result:g}")
+    return result
+
+
 def _int_range(low: int, high: int) -> Callable[[Any, bool], int]:
     def check(value: Any, cli: bool) -> int:
         result = _int(value, cli)
@@ -393,6 +461,163 @@ def _level(value: Any, cli: bool) -> str:
     return level
 
 
+# ---------------------------------------------------------------------------- MQTT listeners
+
+
+class _AtKey(ValueError):
+    """A ValueError about one part of a structured value: ``suffix`` (``[1].keyfile``) is
+    appended to the dotted key so that the error names the exact entry and field."""
+
+    def __init__(self, suffix: str, message: str) -> None:
+        super().__init__(message)
+        self.suffix = suffix
+
+
+def _bool(value: Any, cli: bool) -> bool:
+    if cli and isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _listener_protocol(value: Any, cli: bool) -> str:
+    protocol = _str(value, cli)
+    if protocol in LISTENER_PROTOCOLS:
+        return protocol
+    hint = ""
+    if protocol.lower() in ("ws", "wss", "websocket", "websockets"):
+        hint = ' (did you mean "websockets"? TLS comes from certfile, not from the protocol)'
+    elif protocol.lower() in ("mqtts", "tls", "ssl", "tcp"):
+        hint = ' (did you mean "mqtt"? TLS comes from certfile and keyfile)'
+    raise ValueError(f"{protocol!r} is not a listener protocol; expected mqtt or websockets{hint}")
+
+
+def _tls_version(value: Any, cli: bool) -> str:
+    version = _str(value, cli).lower()
+    if version in ("tlsv1", "tlsv1.0", "tlsv1.1"):
+        raise ValueError(f"{value!r}: TLS older than 1.2 is not supported; use tlsv1.2 or tlsv1.3")
+    if version not in TLS_VERSIONS:
+        raise ValueError(f"{value!r} is not a TLS version; expected tlsv1.2 or tlsv1.3 (the minimum)")
+    return version
+
+
+def _ciphers(value: Any, cli: bool) -> str:
+    text = _str(value, cli)
+    if not text.strip():
+        raise ValueError("expected an OpenSSL cipher list, got an empty string")
+    return text
+
+
+_LISTENER_KEYS: dict[str, Callable[[Any, bool], Any]] = {
+    "address": _listen,
+    "protocol": _listener_protocol,
+    "certfile": _path,
+    "keyfile": _path,
+    "cafile": _path,
+    "capath": _path,
+    "require_certificate": _bool,
+    "use_identity_as_username": _bool,
+    "tls_version": _tls_version,
+    "ciphers": _ciphers,
+}
+# Options that only mean something with TLS on the listener (bools only when true).
+_TLS_ONLY = ("cafile", "capath", "require_certificate", "use_identity_as_username", "tls_version", "ciphers")
+# mosquitto.conf words an operator may carry over, and what zmesh says instead.
+_MOSQUITTO_LISTENER_WORDS = {
+    "port": 'write address = "HOST:PORT"',
+    "listener": 'write address = "HOST:PORT"',
+    "bind_address": 'write address = "HOST:PORT"',
+    "bind_interface": 'write address = "HOST:PORT" with the interface\'s address',
+    "path": "any WebSocket path is accepted, as in Mosquitto",
+}
+
+
+def _listener_hint(name: str) -> str:
+    if name in _MOSQUITTO_LISTENER_WORDS:
+        return f" ({_MOSQUITTO_LISTENER_WORDS[name]})"
+    close = difflib.get_close_matches(name, list(_LISTENER_KEYS), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(_LISTENER_KEYS)}"
+
+
+def _listener(entry: Any, index: int, cli: bool) -> ListenerConfig:
+    at = f"[{index}]"
+    if not isinstance(entry, dict):
+        raise _AtKey(at, f"expected a table ([[mqtt.listeners]]), got {_describe(entry)}")
+    checked: dict[str, Any] = {}
+    for name, raw in entry.items():
+        checker = _LISTENER_KEYS.get(name)
+        if checker is None:
+            raise _AtKey(f"{at}.{name}", f"unknown key{_listener_hint(name)}")
+        try:
+            checked[name] = checker(raw, cli)
+        except ValueError as exc:
+            raise _AtKey(f"{at}.{name}", str(exc)) from None
+    if "address" not in checked:
+        raise _AtKey(f"{at}.address", 'required: the "HOST:PORT" to listen on')
+    tls = "certfile" in checked
+    if "keyfile" in checked and not tls:
+        raise _AtKey(f"{at}.certfile", "required with keyfile: TLS needs both")
+    if tls and "keyfile" not in checked:
+        raise _AtKey(f"{at}.keyfile", "required with certfile: TLS needs both")
+    if not tls:
+        for name in _TLS_ONLY:
+            if checked.get(name) not in (None, False):
+                raise _AtKey(f"{at}.{name}", "needs TLS on this listener: set certfile and keyfile")
+    if checked.get("require_certificate") and "cafile" not in checked and "capath" not in checked:
+        raise _AtKey(
+            f"{at}.require_certificate",
+            "needs cafile or capath: the CA certificates that client certificates are checked against",
+        )
+    if checked.get("use_identity_as_username") and not checked.get("require_certificate"):
+        raise _AtKey(
+            f"{at}.use_identity_as_username",
+            "needs require_certificate = true: without a verified client certificate there is "
+            "no identity to use",
+        )
+    return ListenerConfig(key=f"mqtt.listeners[{index}]", **checked)
+
+
+def _listeners(value: Any, cli: bool) -> tuple[ListenerConfig, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            f"expected [[mqtt.listeners]] tables (an array of tables), got {_describe(value)}"
+        )
+    return tuple(_listener(entry, i, cli) for i, entry in enumerate(value))
+
+
+def _rebase_listener(listener: ListenerConfig, base: Path) -> ListenerConfig:
+    """Relative certificate paths are relative to ``base`` (the config file's directory)."""
+    changes = {
+        name: base / path
+        for name in ("certfile", "keyfile", "cafile", "capath")
+        if (path := getattr(listener, name)) is not None and not path.is_absolute()
+    }
+    return replace(listener, **changes) if changes else listener
+
+
+def _check_listener_addresses(listen: str | None, listeners: tuple[ListenerConfig, ...]) -> None:
+    """Two listeners on one fixed address: the second would fail to bind at startup; say
+    which entries clash now. (Port 0 is a fresh port each time, never a clash.)"""
+    seen: dict[tuple[str, int], str] = {}
+    if listen:
+        host, port = parse_hostport(listen)
+        if port:
+            seen[(host, port)] = "mqtt.listen"
+    for i, listener in enumerate(listeners):
+        host, port = parse_hostport(listener.address)
+        if not port:
+            continue
+        if (host, port) in seen:
+            raise _AtKey(f"[{i}].address", f"{listener.address!r} is already used by {seen[(host, port)]}")
+        seen[(host, port)] = f"mqtt.listeners[{i}]"
+
+
 # (table, key) -> (checker, is a path, None allowed from the command line)
 _Checker = Callable[[Any, bool], Any]
 _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
@@ -416,6 +641,13 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
         "max_packet_size": (_int_range(16, MQTT_MAX_PACKET), False, False),
         "max_inflight": (_int_range(1, 65535), False, False),  # MQTT 5 receive maximum is 16-bit
         "max_queued": (_int_range(0, 10_000_000), False, False),
+        "max_sessions": (_int_range(0, 10_000_000), False, False),
+        "persistent_client_expiration": (_non_negative_float, False, False),
+        "topic_alias_maximum": (_int_range(0, 65535), False, False),
+        "listeners": (_listeners, False, False),
+        "password_file": (_path, True, True),
+        "acl_file": (_path, True, True),
+        "allow_anonymous": (_bool, False, True),
     },
     "log": {
         "level": (_level, False, False),
@@ -562,11 +794,13 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         try:
             checked = checker(value, cli)
         except ValueError as exc:
-            raise ConfigError(origin, dotted, str(exc)) from None
+            raise ConfigError(origin, dotted + getattr(exc, "suffix", ""), str(exc)) from None
         if is_path and not checked.is_absolute():
             checked = base / checked
         elif isinstance(checked, tuple) and checked and isinstance(checked[0], Path):
             checked = tuple(p if p.is_absolute() else base / p for p in checked)
+        elif isinstance(checked, tuple) and checked and isinstance(checked[0], ListenerConfig):
+            checked = tuple(_rebase_listener(listener, base) for listener in checked)
         values[dotted] = checked
 
     if values.get("node.name") is None:
@@ -598,6 +832,13 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
             raw["mesh.peer_evasive"][1], "mesh.peer_evasive",
             f"must be less than mesh.peer_expiry ({expiry:g} s)",
         )
+
+    if values.get("mqtt.listeners") and "mqtt.listen" not in values:
+        values["mqtt.listen"] = None  # extra listeners replace the default one, as in Mosquitto
+    try:
+        _check_listener_addresses(values.get("mqtt.listen", MqttConfig.listen), values.get("mqtt.listeners", ()))
+    except ValueError as exc:
+        raise ConfigError(raw["mqtt.listeners"][1], "mqtt.listeners" + getattr(exc, "suffix", ""), str(exc)) from None
 
     def section(cls: type, table: str) -> Any:
         # Keys not given keep the dataclass defaults, so the defaults live in one place.

@@ -1,7 +1,9 @@
 """Running a node as a daemon: logging, signals, a clean stop.
 
 SIGINT/SIGTERM stop the node in order (MQTT clients told, mesh sockets closed) with no stack
-trace; SIGHUP reloads the trusted keys (a broken key file keeps the old ring and says why).
+trace; SIGHUP reloads the trusted keys (a broken key file keeps the old ring and says why)
+and the MQTT password and ACL files (likewise: broken files keep the old users and rules).
+A node with a data_dir writes its pid there (``zmesh.pid``) for ``zmesh node reload``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
 from zmesh.certs import CertError
 from zmesh.config import NodeConfig
 from zmesh.node import Node
+from zmesh.pidfile import pid_file_path, remove_pid_file, write_pid_file
 
 log = logging.getLogger("zmesh")
 
@@ -42,6 +46,16 @@ async def run(config: NodeConfig, ready_file: str | None = None) -> None:
             node.reload_trust()
         except CertError as exc:
             log.error("reload refused, keeping the old trusted keys: %s", exc)
+        # Independent of the keys: a broken key directory must not block a users/ACL reload,
+        # nor the reverse. Two small files, parsed (not hashed): fine on the event loop.
+        auth = node.auth
+        if auth.password_file is not None or auth.acl_file is not None:
+            problem = auth.reload()
+            if problem:
+                log.error("reload refused, keeping the old users and ACLs: %s", problem)
+            else:
+                log.info("users and ACLs reloaded from %s (generation %d)",
+                         " and ".join(str(p) for p in (auth.password_file, auth.acl_file) if p), auth.generation)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
@@ -53,16 +67,30 @@ async def run(config: NodeConfig, ready_file: str | None = None) -> None:
 
     loop.add_signal_handler(signal.SIGUSR2, dump_topics)
     await node.start()
+    pid_file = pid_file_path(config.data_dir)
     try:
+        if pid_file is not None:
+            write_pid_file(pid_file)  # for `zmesh node reload --config` (see zmesh.pidfile)
         if ready_file:
             # Tests and supervisors learn the bound ports from here (ports may be ephemeral).
             mqtt = node.mqtt_address
+            listeners = node.mqtt_server.listeners if node.mqtt_server is not None else []
             with open(ready_file + ".tmp", "w") as f:
-                json.dump({"control_port": node.control_port, "mqtt_port": mqtt[1] if mqtt else None}, f)
+                json.dump({
+                    "control_port": node.control_port,
+                    "mqtt_port": mqtt[1] if mqtt else None,
+                    # every listener, in config order: {"key", "scheme", "host", "port"}
+                    "mqtt_listeners": [
+                        {"key": b.config.key, "scheme": b.config.scheme, "host": b.address[0], "port": b.address[1]}
+                        for b in listeners
+                    ],
+                }, f)
             os.replace(ready_file + ".tmp", ready_file)
         await stop.wait()
         log.info("stopping node %s", node.name)
     finally:
+        if pid_file is not None:
+            remove_pid_file(pid_file)
         await node.stop()
     log.info("node %s stopped", node.name)
 
@@ -86,6 +114,24 @@ def exec_node(config_file: Path | None, overrides: dict[str, Any], ready_file: s
     os.execv(sys.executable, [sys.executable, "-m", "zmesh.daemon", *sys.argv[1:]])
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the node on uvloop where it is installed (the default on Linux), else asyncio's
+    own loop. uvloop's transports and loop turns cost a fraction of the selector loop's,
+    which is most of the per-message cost of the MQTT listener and of a lone message's
+    latency. ZMESH_EVENT_LOOP=asyncio forces the standard loop (to compare, or to debug)."""
+    choice = os.environ.get("ZMESH_EVENT_LOOP", "auto")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def main() -> int:
     """Run the node ``exec_node`` described; errors as the CLI reports them."""
     import zmq
@@ -106,7 +152,7 @@ def main() -> int:
         return 2
     setup_logging(config.log.level)
     try:
-        asyncio.run(run(config, args["ready_file"]))
+        run_loop(run(config, args["ready_file"]))
     except (CertError, KeyFileError, StoreError, ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

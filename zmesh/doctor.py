@@ -1,7 +1,8 @@
 """`zmesh doctor`: the checks a user would otherwise do by hand, each saying ok or what to do.
 
 It reads the same configuration as `zmesh node run` and, without starting a node, checks:
-the certificate and trusted keys load; the control and MQTT ports can be bound; multicast
+the certificate and trusted keys load; the control and MQTT ports can be bound (and each
+TLS listener's certificate and key load); multicast
 works on the mDNS interface; the DNS name resolves; and every seed answers a CURVE hello
 with a key we trust (which also proves the seed trusts our key).
 """
@@ -20,7 +21,7 @@ import zmq.asyncio
 
 from zmesh import wire
 from zmesh.certs import CertError, KeyRing, load_secret_certificate
-from zmesh.config import NodeConfig, parse_hostport
+from zmesh.config import ListenerConfig, NodeConfig, parse_hostport
 from zmesh.discovery import netif
 
 PROBE_TIMEOUT = 3.0
@@ -44,8 +45,10 @@ async def run_checks(config: NodeConfig, report: Callable[[Check], None]) -> boo
 
     identity = _check_certs(config, note)
     _check_bind("mesh control", config.mesh.listen, note)
-    if config.mqtt.listen:
-        _check_bind("MQTT", config.mqtt.listen, note)
+    for listener in config.mqtt.all_listeners:
+        _check_bind(f"MQTT {listener.key} ({listener.scheme})", listener.address, note)
+        if listener.tls:
+            _check_tls(config, listener, note)
     if "mdns" in config.discovery.mode:
         _check_multicast(config, note)
     if "dns" in config.discovery.mode and config.discovery.dns_name:
@@ -92,6 +95,17 @@ def _check_bind(what: str, address: str, note: Callable[[Check], None]) -> None:
             note(Check(False, f"{what} {address}: cannot bind: {exc.strerror}", advice))
             return
     note(Check(True, f"{what} {address}: can bind"))
+
+
+def _check_tls(config: NodeConfig, listener: ListenerConfig, note: Callable[[Check], None]) -> None:
+    from zmesh.mqtt.tls import ListenerError, build_server_context
+
+    try:
+        build_server_context(listener, config.source)
+    except ListenerError as exc:
+        note(Check(False, f"TLS: {exc}", "fix the certificate or key file, or the listener's options"))
+        return
+    note(Check(True, f"TLS {listener.key}: certificate {listener.certfile} and key load"))
 
 
 def _check_multicast(config: NodeConfig, note: Callable[[Check], None]) -> None:

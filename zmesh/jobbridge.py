@@ -6,9 +6,12 @@ node-local ``$jobs/...`` topics:
   ``$jobs/result/ID`` (the worker's result) or ``$jobs/failed/ID`` (the reason) locally;
   subscribe before submitting to wait for it.
 * work: subscribe to ``$jobs/queue/QUEUE/+``; each subscribed client is one worker slot and
-  gets one job at a time as ``$jobs/queue/QUEUE/ID``; it answers by publishing the result to
-  ``$jobs/done/ID``, or a reason to ``$jobs/fail/ID`` (delivered again elsewhere while
-  attempts remain). A worker that disconnects gives its job back.
+  gets one job at a time as ``$jobs/queue/QUEUE/ID`` (to an MQTT 5 client with the user
+  property ``lease``: seconds it has before the job goes elsewhere); it answers by
+  publishing the result to ``$jobs/done/ID``, or a reason to ``$jobs/fail/ID`` (delivered
+  again elsewhere while attempts remain). While it works it may publish to
+  ``$jobs/extend/ID`` (payload: seconds from now, or empty for one more lease) as often as
+  it likes. A worker that disconnects gives its job back.
 * ``$SYS/zmesh/jobs``: per-queue depth, in flight, oldest age, redeliveries, dead letters.
 
 Everything under ``$jobs/`` stays on this node except ``$jobs/dead/QUEUE``, which the whole
@@ -20,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from zmesh.jobqueue import JobFailed, WorkItem, WorkQueue
+from zmesh.jobqueue import JobHandle, WorkItem, WorkQueue
 from zmesh.routing import Subscriber
 
 if TYPE_CHECKING:
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zmesh.jobs")
 
 SUBMIT, QUEUE, DONE, FAIL = "$jobs/submit/", "$jobs/queue/", "$jobs/done/", "$jobs/fail/"
+EXTEND = "$jobs/extend/"
 RESULT, FAILED = "$jobs/result/", "$jobs/failed/"
 
 
@@ -101,7 +105,10 @@ class _QueueWorkers:
             worker = self.idle.popleft()
             self.busy[worker] = item
             self.bridge.items[item.id] = (item, worker, self)
-            worker.deliver(f"{QUEUE}{self.queue}/{item.id}", item.payload, 1, False, self.bridge.node.name, None)
+            # The lease goes with the job (MQTT 5 clients see it) so that a worker knows how
+            # often to extend it; `zmesh jobs work` does so every third of it.
+            lease = {"user_property": [("lease", f"{item.lease:g}")]}
+            worker.deliver(f"{QUEUE}{self.queue}/{item.id}", item.payload, 1, False, self.bridge.node.name, lease)
 
 
 class JobBridge:
@@ -127,7 +134,7 @@ class JobBridge:
             item = workers.busy.pop(subscriber, None)
             if item is not None:
                 self.items.pop(item.id, None)
-                asyncio.ensure_future(item.nack("worker disconnected", retry=True))
+                item.fail("worker disconnected", retry=True)
             if subscriber in workers.idle:
                 workers.idle.remove(subscriber)
             elif item is None:
@@ -144,6 +151,11 @@ class JobBridge:
             if not queue:
                 return None
             return asyncio.ensure_future(self._submit(queue, payload, job_id or None))
+        if topic.startswith(EXTEND):
+            held = self.items.get(topic[len(EXTEND) :])
+            if held is not None:
+                held[0].keep(_seconds(payload))
+            return None
         for prefix, ok in ((DONE, True), (FAIL, False)):
             if topic.startswith(prefix):
                 entry = self.items.pop(topic[len(prefix) :], None)
@@ -152,22 +164,47 @@ class JobBridge:
                     workers.busy.pop(worker, None)
                     workers.idle.append(worker)
                     self.ready.set()
-                    result = item.ack(payload) if ok else item.nack(payload.decode(errors="replace") or "failed")
-                    asyncio.ensure_future(result)
+                    if ok:
+                        item.done(payload)
+                    else:
+                        item.fail(payload.decode(errors="replace") or "failed")
         return None
 
     async def _submit(self, queue: str, payload: bytes, job_id: str | None) -> None:
-        handle = await self.node.jobs.submit(queue, payload, job_id)
-        asyncio.ensure_future(self._report(handle.id, handle.result()))
+        self.watch(await self.node.jobs.submit(queue, payload, job_id))
 
-    def watch(self, job_id: str, result: asyncio.Future[bytes]) -> None:
-        """Publish the outcome of a job (one loaded from the spool) as for one submitted here."""
-        asyncio.ensure_future(self._report(job_id, result))
+    def watch(self, handle: JobHandle) -> None:
+        """Publish the outcome of a job on ``$jobs/result/ID`` or ``$jobs/failed/ID``."""
+        handle.add_done_callback(self._publish_outcome)
 
-    async def _report(self, job_id: str, result: asyncio.Future[bytes] | object) -> None:
-        try:
-            value = await result  # type: ignore[misc]
-        except JobFailed as exc:
-            self.node.publish_nowait(FAILED + job_id, str(exc).encode(), qos=1)
-            return
-        self.node.publish_nowait(RESULT + job_id, value, qos=1)
+    def _publish_outcome(self, handle: JobHandle) -> None:
+        value, error = handle.outcome()
+        if error is not None:
+            self.node.publish_nowait(FAILED + handle.id, str(error).encode(), qos=1)
+        else:
+            self.node.publish_nowait(RESULT + handle.id, value, qos=1)
+
+
+DEFAULT_LEASE = 30.0  # what a worker assumes when a job names no lease (jobs.lease's default)
+
+
+def lease_of(properties: dict[str, Any] | None) -> float:
+    """The lease a job was delivered with (its MQTT 5 user property ``lease``), in seconds."""
+    for name, value in (properties or {}).get("user_property", ()):
+        if name == "lease":
+            try:
+                lease = float(value)
+            except ValueError:
+                break
+            if lease > 0:
+                return lease
+    return DEFAULT_LEASE
+
+
+def _seconds(payload: bytes) -> float:
+    """An extend payload: seconds as text; empty (or unreadable) means one more lease."""
+    try:
+        seconds = float(payload) if payload.strip() else 0.0
+    except ValueError:
+        return 0.0
+    return seconds if seconds == seconds and seconds > 0 else 0.0  # NaN, negatives: one lease

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     id: str
     queue: str
@@ -31,7 +31,7 @@ class Job:
     last_error: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Worker:
     key: str
     queue: str
@@ -58,6 +58,8 @@ class QueueStats:
     redeliveries_total: int = 0
     dead_total: int = 0
     done_total: int = 0
+    dropped_total: int = 0  # shared-subscription messages whose group was gone everywhere
+    workers: int = 0  # nodes serving the queue (this one included)
 
 
 class Dispatcher:
@@ -69,6 +71,7 @@ class Dispatcher:
         self.redeliveries: dict[str, int] = {}
         self.dead: dict[str, int] = {}
         self.done: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
 
     # ------------------------------------------------------------------ submitting
 
@@ -110,21 +113,45 @@ class Dispatcher:
 
         Each job goes to the worker of its queue with the most free slots, so work spreads
         by capacity: a worker that finishes faster frees slots faster and gets more."""
-        sends = []
+        sends: list[tuple[Job, str]] = []
+        jobs, deadline = self.jobs, now + self.lease
         for queue, waiting in self.pending.items():
             if not waiting:
                 continue
             candidates = [w for w in self.workers.values() if w.queue == queue and w.free > 0]
             while waiting and candidates:
-                worker = max(candidates, key=lambda w: w.free)
-                job = self.jobs[waiting.popleft()]
-                job.attempts += 1
-                job.worker, job.deadline = worker.key, now + self.lease
-                worker.outstanding.add(job.id)
-                sends.append((job, worker.key))
+                worker = max(candidates, key=lambda w: w.free) if len(candidates) > 1 else candidates[0]
+                # As many as it has room for while it stays the freest (all of them, when it
+                # is the only candidate): one max() per run, not per job.
+                others = max((w.free for w in candidates if w is not worker), default=0)
+                take = min(len(waiting), max(1, worker.free - others))
+                outstanding, key = worker.outstanding, worker.key
+                for _ in range(take):
+                    job = jobs[waiting.popleft()]
+                    job.attempts += 1
+                    job.worker, job.deadline = key, deadline
+                    outstanding.add(job.id)
+                    sends.append((job, key))
                 if worker.free == 0:
                     candidates.remove(worker)
         return sends
+
+    def refused(self, job_id: str, worker_key: str) -> bool:
+        """The worker node does not serve the job's queue (any more: its hello saying so is
+        on its way), so it refuses whatever of that queue reaches it. Its jobs of the queue
+        are first in line again without an attempt counted, and it gets no more of the
+        queue until a hello says it serves it."""
+        job = self._in_flight_at(job_id, worker_key)
+        if job is None:
+            return False
+        worker = self.workers.pop((worker_key, job.queue), None)
+        waiting = self.pending.setdefault(job.queue, deque())
+        for held in worker.outstanding if worker else (job_id,):
+            other = self.jobs[held]
+            other.worker = None
+            other.attempts -= 1
+            waiting.appendleft(held)
+        return True
 
     def undo_dispatch(self, job: Job) -> None:
         """The send did not happen (the worker's socket was not ready): first in line again,
@@ -149,14 +176,20 @@ class Dispatcher:
             worker.outstanding.discard(job.id)
         job.worker = None
 
-    def acked(self, job_id: str, worker_key: str) -> tuple[Job | None, Outcome]:
-        job = self._in_flight_at(job_id, worker_key)
-        if job is None:
-            return None, Outcome.UNKNOWN
-        self._release(job)
+    def acked(self, job_id: str, worker_key: str) -> Job | None:
+        """The worker finished the job: it is done (None if it was not in flight there: a
+        late or duplicate ack, ignored). The hot path of a queue, so written out flat."""
+        job = self.jobs.get(job_id)
+        if job is None or job.worker != worker_key:
+            return None
+        worker = self.workers.get((worker_key, job.queue))
+        if worker is not None:
+            worker.outstanding.discard(job_id)
+        job.worker = None
         del self.jobs[job_id]
-        self.done[job.queue] = self.done.get(job.queue, 0) + 1
-        return job, Outcome.DONE
+        done = self.done
+        done[job.queue] = done.get(job.queue, 0) + 1
+        return job
 
     def nacked(self, job_id: str, worker_key: str, reason: str, retry: bool = True) -> tuple[Job | None, Outcome]:
         """The worker failed the job: deliver it again (elsewhere, most likely) while
@@ -169,11 +202,39 @@ class Dispatcher:
         return self._lost(job, reason)
 
     def extend(self, job_id: str, worker_key: str, seconds: float, now: float) -> bool:
+        """The worker is still at it: the lease now ends ``seconds`` from now (0: one more
+        lease), never earlier than it did."""
         job = self._in_flight_at(job_id, worker_key)
         if job is None:
             return False
-        job.deadline = max(job.deadline, now + seconds)
+        job.deadline = max(job.deadline, now + (seconds or self.lease))
         return True
+
+    def drop_unserved(self, prefix: str, now: float, max_age: float) -> list[Job]:
+        """Pending jobs of queues named ``prefix...`` that no worker anywhere serves, once
+        they are ``max_age`` old: for a shared subscription whose members all left, as MQTT
+        drops messages for a subscription that no longer exists."""
+        served: set[str] | None = None
+        dropped: list[Job] = []
+        for queue, waiting in self.pending.items():
+            if not waiting or not queue.startswith(prefix):
+                continue
+            if served is None:
+                served = {w.queue for w in self.workers.values()}
+            if queue in served:
+                continue
+            keep: deque[str] = deque()
+            for job_id in waiting:
+                job = self.jobs[job_id]
+                if now - job.submitted_at >= max_age:
+                    del self.jobs[job_id]
+                    dropped.append(job)
+                else:
+                    keep.append(job_id)
+            self.pending[queue] = keep
+            if len(keep) != len(waiting):
+                self.dropped[queue] = self.dropped.get(queue, 0) + len(waiting) - len(keep)
+        return dropped
 
     def expire(self, now: float) -> list[tuple[Job, Outcome]]:
         """Jobs whose lease ran out: retried or dead.
@@ -207,6 +268,8 @@ class Dispatcher:
             redeliveries_total=self.redeliveries.get(queue, 0),
             dead_total=self.dead.get(queue, 0),
             done_total=self.done.get(queue, 0),
+            dropped_total=self.dropped.get(queue, 0),
+            workers=sum(1 for w in self.workers.values() if w.queue == queue),
         )
 
 
@@ -222,7 +285,9 @@ class RecentIds:
         return self._seen.get(job_id)
 
     def add(self, job_id: str, result: bytes) -> None:
-        self._seen[job_id] = result
-        self._seen.move_to_end(job_id)
-        while len(self._seen) > self.limit:
-            self._seen.popitem(last=False)
+        seen = self._seen
+        if job_id in seen:
+            seen.move_to_end(job_id)
+        seen[job_id] = result
+        if len(seen) > self.limit:
+            seen.popitem(last=False)

@@ -167,8 +167,9 @@ class Mesh:
         # Work queues (zmesh.jobqueue wires these): what we serve, and where jobs go.
         self.local_queues: dict[str, int] = {}
         self.on_hello: Callable[[str, wire.Hello], None] | None = None
-        self.on_job: Callable[[str, bytes], None] | None = None
-        self.on_job_report: Callable[[str, wire.ControlMessage], None] | None = None
+        self.on_job: Callable[[str, bytes], None] | None = None  # job or report frame, sender key
+        self._job_reader: _JobReader | None = None
+        self._shadows: dict[int, zmq.Socket[bytes]] = {}  # socket address -> synchronous view
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,8 +183,8 @@ class Mesh:
         self._tasks = [
             asyncio.create_task(self._read_control(), name="mesh-control"),
             asyncio.create_task(self._liveness(), name="mesh-liveness"),
-            asyncio.create_task(self._read_jobs(), name="mesh-jobs"),
         ]
+        self._job_reader = _JobReader(self, self.pull)
         log.info(
             "mesh listening: control %s:%d, events %d, jobs %d",
             host,
@@ -210,6 +211,8 @@ class Mesh:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._job_reader is not None:
+            self._job_reader.close()
         for link in self.links.values():
             self._close_sub(link)
             link.dealer.close()  # with the linger set above when a goodbye is queued
@@ -489,10 +492,6 @@ class Mesh:
             if message.kind == wire.SYNC and message.digests is not None:
                 await self._answer_sync(ident.bytes, message, router)
                 continue
-            if message.kind in (wire.JOB_DONE, wire.JOB_EXTEND):
-                if self.on_job_report is not None and key in self.links:
-                    self.on_job_report(key, message)
-                continue
             if message.kind == wire.PROBE:  # zmesh doctor: answer, but it is no peer
                 await router.send_multipart([ident.bytes, wire.encode_control(wire.WELCOME, self._hello())])
                 continue
@@ -652,28 +651,44 @@ class Mesh:
     # ------------------------------------------------------------------ jobs
 
     def send_job(self, key: str, frame: bytes) -> bool:
-        """A job to a peer's PULL socket; False if it cannot be queued now."""
+        """A frame of jobs, or of job reports, to a peer's PULL socket; False if it cannot
+        be queued now (not connected yet, or the socket is full)."""
+        push = self.job_socket(key)
+        return push is not None and self._send_now(push, frame)
+
+    def job_socket(self, key: str) -> zmq.asyncio.Socket | None:
+        """Our PUSH to a member peer's PULL, connected on first call: called as soon as a
+        peer says hello, its handshake is done by the time the first job or report leaves
+        (IMMEDIATE would refuse them before)."""
         link = self.links.get(key)
         if link is None or link.peer.hello is None or link.peer.state not in MEMBER_STATES:
-            return False
+            return None
         if link.push is None:
             link.push = self.transport.client(zmq.PUSH, key.encode())
             link.push.connect(link.peer.endpoint(link.peer.hello.pull_port))
-        return _try_send(link.push, frame)
+        return link.push
 
-    def send_report(self, key: str, data: bytes) -> bool:
-        """A job report to the node that submitted the job (over our DEALER to it)."""
-        link = self.links.get(key)
-        return link is not None and _try_send(link.dealer, data)
+    def announce(self) -> None:
+        """Say hello to every peer on the next liveness tick rather than the next heartbeat:
+        what we serve (queues, shared subscription groups) changed."""
+        for link in self.links.values():
+            link.last_hello = 0.0
 
-    async def _read_jobs(self) -> None:
-        pull = self.pull
-        assert pull is not None
-        while True:
-            frame = await pull.recv(copy=False)
-            key = str(frame.get("User-Id"))  # the submitter, as ZAP authenticated it
-            if self.on_job is not None and key.encode() in self.transport.ring:
-                self.on_job(key, frame.bytes)
+    def _send_now(self, sock: zmq.asyncio.Socket, data: bytes) -> bool:
+        # A synchronous view per socket, made once: making one per send cost more than the
+        # send. Keyed by address, so a socket replaced by another at the same address is
+        # served by the same (still correct) view.
+        address = sock.underlying
+        raw = self._shadows.get(address)
+        if raw is None:
+            if len(self._shadows) > 4096:
+                self._shadows.clear()
+            raw = self._shadows[address] = zmq.Socket.shadow(address)
+        try:
+            raw.send(data, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     # ------------------------------------------------------------------ retained replication
 
@@ -794,6 +809,41 @@ class _EventReader:
 
     def close(self) -> None:
         # Unhook the descriptor before the socket (and so the fd number) goes away.
+        self.loop.remove_reader(self.fd)
+        if self.next is not None:
+            self.next.cancel()
+
+
+class _JobReader:
+    """Reads job and report frames straight off the PULL socket's descriptor, in bursts, as
+    ``_EventReader`` does for events: an awaited recv per frame cost more than the jobs in
+    it. The sender is the key ZAP authenticated (``User-Id``), never the frame's word."""
+
+    def __init__(self, mesh: Mesh, pull: zmq.asyncio.Socket) -> None:
+        self.mesh = mesh
+        self.raw: zmq.Socket[bytes] = zmq.Socket.shadow(pull.underlying)
+        self.loop = asyncio.get_running_loop()
+        self.fd = int(self.raw.getsockopt(zmq.FD))
+        self.loop.add_reader(self.fd, self.drain)
+        self.next: asyncio.Handle | None = self.loop.call_soon(self.drain)  # edge-triggered
+
+    def drain(self) -> None:
+        self.next = None
+        raw, ring, mesh = self.raw, self.mesh.transport.ring, self.mesh
+        frames = 0
+        while frames < MAX_FRAMES_PER_WAKEUP and raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator]
+            frame = raw.recv(zmq.NOBLOCK, copy=False)
+            frames += 1
+            key = str(frame.get("User-Id"))  # the sender, as ZAP authenticated it
+            if mesh.on_job is not None and key.encode() in ring:
+                try:
+                    mesh.on_job(key, frame.bytes)
+                except Exception:  # a bug must not stall the socket: the next frames still come
+                    log.exception("job frame from %s not handled", key[:8])
+        if frames >= MAX_FRAMES_PER_WAKEUP:
+            self.next = self.loop.call_soon(self.drain)
+
+    def close(self) -> None:
         self.loop.remove_reader(self.fd)
         if self.next is not None:
             self.next.cancel()

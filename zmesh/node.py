@@ -20,20 +20,22 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from zmesh import topics, wire
+from zmesh.auth.authority import Authority
 from zmesh.certs import KeyRing, load_secret_certificate
 from zmesh.config import NodeConfig, load_config, parse_hostport
 from zmesh.jobbridge import JobBridge, is_local_only, worker_queue
-from zmesh.jobqueue import JobHandle, JobService, WorkQueue
+from zmesh.jobqueue import SHARED_PREFIX, JobBatch, JobHandle, JobService, WorkQueue
 from zmesh.membership import EventKind, Peer, PeerEvent
-from zmesh.meshpolicy import MeshPolicy, TopicGate
 from zmesh.mesh import Mesh
+from zmesh.meshpolicy import MeshPolicy, TopicGate
 from zmesh.replica import RetainedReplica
 from zmesh.routing import LocalRouter, Subscriber
+from zmesh.shared import SharedGroups
 from zmesh.transport import Identity, Transport
 
 log = logging.getLogger("zmesh.node")
@@ -47,6 +49,11 @@ TOPIC_CACHE_LIMIT = 100_000
 # A publisher awaiting publish() in a tight loop never suspends; yielding this often keeps
 # the node's own tasks (heartbeats, readers, MQTT clients) running beside it.
 YIELD_EVERY = 256
+
+
+def _check_queue(queue: str) -> None:
+    if not queue or queue.startswith(SHARED_PREFIX):
+        raise ValueError(f"invalid queue name {queue!r}: empty, or a shared subscription's")
 
 
 class Message(NamedTuple):
@@ -77,6 +84,40 @@ class Subscription:
         self._buffer: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        # Shared-subscription messages in the buffer (by id of the Message) -> what to call
+        # when the consumer takes one: that is its acknowledgement (zmesh.shared).
+        self._on_taken: dict[int, Callable[[bool], None]] = {}
+
+    def deliver_shared(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        properties: dict[str, Any] | None,
+        origin: str,
+        settle: Callable[[bool], None],
+    ) -> bool:
+        """A message of a shared subscription: ``settle(True)`` once the consumer has taken
+        it. False (not taken) when the buffer is full or closed: another member gets it."""
+        if self._closed or len(self._buffer) >= self.maxsize:
+            return False
+        message = tuple.__new__(Message, (topic, payload, qos, False, origin, properties))
+        self._on_taken[id(message)] = settle
+        self._buffer.append(message)
+        self._wake()
+        return True
+
+    @property
+    def shared_credit(self) -> int:
+        """Shared-subscription messages this subscription may hold untaken (zmesh.shared)."""
+        return self.maxsize
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def deliver(
         self,
@@ -125,7 +166,12 @@ class Subscription:
         if self._behind and len(self._buffer) < self._low:
             self._behind = False
             self.node._caught_up(self)
-        return self._buffer.popleft()
+        message = self._buffer.popleft()
+        if self._on_taken:
+            settle = self._on_taken.pop(id(message), None)
+            if settle is not None:
+                settle(True)
+        return message
 
     async def get(self, timeout: float | None = None) -> Message:
         """The next message, waiting at most ``timeout`` seconds (TimeoutError)."""
@@ -182,6 +228,9 @@ class Node:
             config = load_config(Path(config_file) if config_file else None, overrides)
         self.config = config
         self.name = config.name
+        # Users and ACLs of the MQTT listener; a broken password or ACL file raises here
+        # (AuthFileError naming file:line), before anything is bound. No files: allow all.
+        self.auth = Authority.from_config(config.mqtt)
         self.router = LocalRouter()
         self.replica = RetainedReplica(
             config.name, config.retained, config.store, config.data_dir, self._deliver_local
@@ -201,9 +250,13 @@ class Node:
         self.discovery: list[Any] = []
         self.jobs = JobService(self, config.jobs.lease, config.jobs.max_attempts)
         self.job_bridge = JobBridge(self)
+        self.shared = SharedGroups(self)  # $share/GROUP/FILTER, mesh-wide (zmesh.shared)
         self._closed = asyncio.Event()
         self._peer_change = asyncio.Event()  # replaced (after being set) on every peer event
         self._behind: set[Subscription] = set()  # API subscriptions more than half full
+        # True while a live message published with the retain flag is handed to local
+        # subscribers (see _deliver_retained_live).
+        self.delivering_retained = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -242,7 +295,7 @@ class Node:
                 self.mesh.add_seed(host, port)
             await self._start_discovery(public.decode())
             await self.jobs.start(public.decode(), self.config.data_dir)
-            if self.config.mqtt.listen:
+            if self.config.mqtt.all_listeners:
                 from zmesh.mqtt.server import MQTTServer
 
                 self.mqtt_server = MQTTServer(self, self.config.mqtt)
@@ -366,11 +419,16 @@ class Node:
         if type(payload) is not bytes:
             payload = payload.encode() if isinstance(payload, str) else bytes(payload)
         name = self.name
-        for subscriber, granted in self.router.targets(topic):
-            subscriber.deliver(topic, payload, qos if qos < granted else granted, False, name, properties)
+        if retain:
+            self._deliver_retained_live(topic, payload, qos, name, properties)
+        else:
+            for subscriber, granted in self.router.targets(topic):
+                subscriber.deliver(topic, payload, qos if qos < granted else granted, False, name, properties)
         mesh = self.mesh
         if not encoded and topic[:6] == "$jobs/":
             return self.job_bridge.on_publish(topic, payload)
+        if self.shared.active and encoded:  # one member of each matching shared group
+            self.shared.route(topic, payload, qos, properties)
         if retain:
             item, durable = self.replica.write_local(topic, payload, qos, properties)
             if mesh is not None and encoded:
@@ -425,8 +483,20 @@ class Node:
             except topics.TopicError:
                 self.stats["bad_topics"] += 1
                 return
-        for subscriber, granted in self.router.targets(topic):
-            subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
+        self._deliver_retained_live(topic, payload, qos, origin, properties)
+
+    def _deliver_retained_live(
+        self, topic: str, payload: bytes, qos: int, origin: str, properties: dict[str, Any] | None
+    ) -> None:
+        """A live message that was published with the retain flag: delivered with it clear
+        (as MQTT asks of live messages), while ``delivering_retained`` tells subscribers
+        that keep it (MQTT 5 retain as published) what it was."""
+        self.delivering_retained = True
+        try:
+            for subscriber, granted in self.router.targets(topic):
+                subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
+        finally:
+            self.delivering_retained = False
 
     # ------------------------------------------------------------------ from the mesh
 
@@ -492,12 +562,22 @@ class Node:
 
         ``await handle.result()`` gives the worker's result (JobFailed if it ended in the
         dead letters, ``$jobs/dead/<queue>``). A repeated ``job_id`` is the same job."""
+        _check_queue(queue)
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         return await self.jobs.submit(queue, data, job_id)
+
+    async def submit_many(
+        self, queue: str, payloads: Iterable[bytes], job_ids: Iterable[str] | None = None
+    ) -> JobBatch:
+        """Submit many jobs at once (one spool write, one dispatch, no future per job):
+        ``batch = await node.submit_many(q, payloads)``, then ``await batch.results()``."""
+        _check_queue(queue)
+        return await self.jobs.submit_many(queue, payloads, job_ids)
 
     def work(self, queue: str, prefetch: int = 1) -> WorkQueue:
         """Serve ``queue`` on this node: ``async for job in node.work(q): ... await job.ack()``.
         At most ``prefetch`` jobs are held here at once."""
+        _check_queue(queue)
         return self.jobs.work(queue, prefetch)
 
     # ------------------------------------------------------------------ subscribing
@@ -508,31 +588,42 @@ class Node:
         self.add_subscription(subscription, filt, qos)
         return subscription
 
-    def add_subscription(self, subscriber: Subscriber, filt: str, qos: int) -> None:
-        """Register ``subscriber`` for ``filt`` and replay matching retained messages to it.
+    def add_subscription(self, subscriber: Subscriber, filt: str, qos: int, retained: bool = True) -> None:
+        """Register ``subscriber`` for ``filt`` and replay matching retained messages to it
+        (not with ``retained=False``: MQTT 5 retain handling). A replayed message carries
+        what is left of its MQTT 5 message expiry interval.
 
         Raises ``topics.TopicError`` for an invalid filter."""
         topics.validate_topic_filter(filt)
-        self.router.subscribe(subscriber, filt, qos)
-        self._update_mesh_subscriptions()
         group, inner = topics.parse_shared(filt)
         if group is not None:
-            return  # MQTT 5: shared subscriptions get no retained messages
+            # One member of the group gets each message, mesh-wide (zmesh.shared); not the
+            # router's business. MQTT 5: shared subscriptions get no retained messages.
+            self.shared.add_member(subscriber, filt, qos)
+            return
+        self.router.subscribe(subscriber, filt, qos)
+        self._update_mesh_subscriptions()
         job_queue = worker_queue(inner)
         if job_queue is not None:
             self.job_bridge.add_worker(subscriber, job_queue)
             return
-        for entry in self.replica.match(inner):
-            subscriber.deliver(
-                entry.topic, entry.payload, min(entry.qos, qos), True, entry.origin, entry.properties
-            )
+        if retained:
+            now_ms = int(time.time() * 1000)
+            for entry in self.replica.match(inner):
+                properties = entry.properties
+                if entry.expires_at is not None and properties:
+                    left = max(1, -((now_ms - entry.expires_at) // 1000))  # seconds, rounded up
+                    properties = {**properties, "message_expiry_interval": left}
+                subscriber.deliver(entry.topic, entry.payload, min(entry.qos, qos), True, entry.origin, properties)
         if inner.startswith(SYS_PREFIX) or inner.startswith("$SYS"):
             self._sys_subscribers.add(subscriber)
-            for sys_topic in (SYS_NODE, SYS_PEERS, SYS_TOPICS, SYS_JOBS):
+            for sys_topic in (SYS_NODE, SYS_PEERS, SYS_TOPICS, SYS_JOBS) if retained else ():
                 if topics.matches(inner, sys_topic):
                     subscriber.deliver(sys_topic, self._sys_value(sys_topic), 0, True, self.name, None)
 
     def remove_subscription(self, subscriber: Subscriber, filt: str) -> bool:
+        if filt.startswith(SHARED_PREFIX):
+            return self.shared.remove_member(subscriber, filt)
         if worker_queue(filt) is not None:
             self.job_bridge.remove_worker(subscriber)
         removed = self.router.unsubscribe(subscriber, filt)
@@ -541,6 +632,7 @@ class Node:
 
     def _unsubscribe_all(self, subscriber: Subscriber) -> None:
         self.job_bridge.remove_worker(subscriber)
+        self.shared.remove_subscriber(subscriber)
         self.router.remove(subscriber)
         self._update_mesh_subscriptions()
         self._sys_subscribers.discard(subscriber)
@@ -596,6 +688,7 @@ class Node:
                     "clients": len(self.mqtt_server.connections) if self.mqtt_server else 0,
                     "dropped_total": self.mqtt_server.dropped_total if self.mqtt_server else 0,
                     "protocol_errors_total": self.mqtt_server.protocol_errors_total if self.mqtt_server else 0,
+                    **(self.mqtt_server.sessions.stats() if self.mqtt_server else {}),
                 },
                 "retained": {
                     "entries": len(self.replica.cache),

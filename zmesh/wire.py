@@ -210,8 +210,6 @@ HELLO = "hello"
 WELCOME = "welcome"
 REFUSED = "refused"
 BYE = "bye"  # a clean shutdown: mark me down now, not after the expiry
-JOB_DONE = "jobdone"  # worker -> submitter: a job finished (ok, or failed with a reason)
-JOB_EXTEND = "jobext"  # worker -> submitter: still working, extend the lease
 PROBE = "probe"  # "who are you?" from zmesh doctor: answered with a welcome, never a member
 SYNC = "sync"  # "here are my retained bucket digests": answered with SYNC_DATA
 SYNC_DATA = "syncdata"  # entries of the buckets that differ, in chunks; the last says so
@@ -257,7 +255,6 @@ class ControlMessage:
     entries: list[RetainedEntry] | None = None  # SYNC_DATA
     last: bool = False  # SYNC_DATA
     seq: int = 0  # SYNC_DATA: the sender's retained sequence when it answered
-    job: JobReport | None = None  # JOB_DONE, JOB_EXTEND
 
 
 def decode_control(data: bytes) -> ControlMessage:
@@ -292,8 +289,6 @@ def decode_control(data: bytes) -> ControlMessage:
         if not isinstance(rows, list) or type(last) is not bool or type(seq) is not int:
             raise WireError("sync data malformed")
         return ControlMessage(kind, version, None, reason, entries=[_decode_row(r) for r in rows], last=last, seq=seq)
-    if kind in (JOB_DONE, JOB_EXTEND) and version == WIRE_VERSION:
-        return ControlMessage(kind, version, None, reason, job=_decode_job_report(body))
     return ControlMessage(kind, version, hello, reason)
 
 
@@ -356,7 +351,18 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
 
 
 # ---------------------------------------------------------------------------------------
-# Jobs: PUSH -> PULL carries a job to a worker node; the worker reports on its DEALER.
+# Jobs: PUSH -> PULL carries jobs to a worker node, and the worker's reports back to the
+# submitter's PULL the same way; the first byte says which (the sender is known from ZAP).
+#
+# Both directions are batched, because a ZeroMQ send or receive costs far more in Python
+# than encoding one more entry: a job frame carries every job dispatched to one worker node
+# in one pump, ``J msgpack([WIRE_VERSION, lease, [[id, queue, payload, attempt], ...]])``,
+# and a report frame every report for one submitter since the last flush,
+# ``R msgpack([WIRE_VERSION, [[id, OK, result] | [id, FAILED, reason, retry] |
+# [id, EXTEND, seconds] | [id, REFUSED], ...]])``.
+
+JOBS_FRAME, REPORTS_FRAME = b"J", b"R"
+MAX_JOB_LEASE = 86_400.0  # seconds: a lease or extension longer than a day is malformed
 
 
 class JobFrame(NamedTuple):
@@ -367,51 +373,115 @@ class JobFrame(NamedTuple):
     lease: float
 
 
-def encode_job(job_id: str, queue: str, payload: bytes, attempt: int, lease: float) -> bytes:
-    return _packb([WIRE_VERSION, job_id, queue, payload, attempt, lease])
+def encode_jobs(lease: float, jobs: list[list[Any]]) -> bytes:
+    """One frame of jobs, each ``[id, queue, payload, attempt]``, all with this ``lease``."""
+    return JOBS_FRAME + _packb([WIRE_VERSION, lease, jobs])
 
 
-def decode_job(frame: bytes) -> JobFrame:
-    try:
-        body = msgpack.unpackb(frame, raw=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise WireError(f"undecodable job: {exc}") from None
+def decode_jobs(frame: bytes) -> list[JobFrame]:
+    """A job frame; WireError (and nothing else) if any part of it is malformed."""
+    body = _unpack_job_frame(frame, JOBS_FRAME)
     if not (
-        isinstance(body, list)
-        and len(body) == 6
-        and body[0] == WIRE_VERSION
-        and isinstance(body[1], str) and body[1]
-        and isinstance(body[2], str) and body[2]
-        and type(body[3]) is bytes
-        and type(body[4]) is int and body[4] > 0
-        and isinstance(body[5], int | float) and body[5] > 0
+        type(body) is list and len(body) == 3 and body[0] == WIRE_VERSION
+        and type(body[1]) in (int, float) and 0 < body[1] <= MAX_JOB_LEASE
+        and type(body[2]) is list
     ):
-        raise WireError("malformed job")
-    return JobFrame(body[1], body[2], body[3], body[4], float(body[5]))
+        raise WireError("job frame is not [version, lease, jobs] of our version")
+    lease = float(body[1])
+    jobs = []
+    for raw in body[2]:
+        if not (
+            type(raw) is list and len(raw) == 4
+            and type(raw[0]) is str and raw[0]
+            and type(raw[1]) is str and raw[1]
+            and type(raw[2]) is bytes
+            and type(raw[3]) is int and raw[3] > 0
+        ):
+            raise WireError("malformed job in job frame")
+        jobs.append(JobFrame(raw[0], raw[1], raw[2], raw[3], lease))
+    return jobs
 
 
-@dataclass(frozen=True)
-class JobReport:
+# What a report says about a job. REFUSED: not taken at all (this node no longer serves
+# its queue), so the delivery does not count as an attempt.
+JOB_OK, JOB_FAILED, JOB_EXTEND, JOB_REFUSED = 0, 1, 2, 3
+
+
+class JobReport(NamedTuple):
     id: str
-    ok: bool = True
-    result: bytes = b""
-    error: str = ""
-    retry: bool = True  # on failure: may it be tried again (False: dead letter now)
-    seconds: float = 0.0  # JOB_EXTEND
+    kind: int = JOB_OK
+    result: bytes = b""  # JOB_OK
+    error: str = ""  # JOB_FAILED
+    retry: bool = True  # JOB_FAILED: may it be tried again (False: dead letter now)
+    seconds: float = 0.0  # JOB_EXTEND: from now; 0 means one more lease
 
 
-def encode_job_report(kind: str, report: JobReport) -> bytes:
-    return _packb({"t": kind, "v": WIRE_VERSION, "i": report.id, "ok": report.ok, "res": report.result,
-                   "err": report.error, "re": report.retry, "s": report.seconds})
+def _unpack_job_frame(frame: bytes, kind: bytes) -> Any:
+    if frame[:1] != kind:
+        raise WireError("not a job frame" if kind == JOBS_FRAME else "not a job report frame")
+    try:
+        return msgpack.unpackb(memoryview(frame)[1:], raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable job frame: {exc}") from None
 
 
-def _decode_job_report(body: dict[str, Any]) -> JobReport:
-    job_id, ok, result = body.get("i"), body.get("ok"), body.get("res", b"")
-    error, retry, seconds = body.get("err", ""), body.get("re", True), body.get("s", 0.0)
+def encode_job_reports(reports: list[JobReport]) -> bytes:
+    rows: list[list[Any]] = []
+    for r in reports:
+        if r.kind == JOB_OK:
+            rows.append([r.id, JOB_OK, r.result])
+        elif r.kind == JOB_FAILED:
+            rows.append([r.id, JOB_FAILED, r.error, r.retry])
+        elif r.kind == JOB_EXTEND:
+            rows.append([r.id, JOB_EXTEND, r.seconds])
+        else:
+            rows.append([r.id, JOB_REFUSED])
+    return REPORTS_FRAME + _packb([WIRE_VERSION, rows])
+
+
+def decode_job_reports(frame: bytes) -> list[JobReport]:
+    """A report frame; WireError (and nothing else) if any part of it is malformed."""
+    body = _unpack_job_frame(frame, REPORTS_FRAME)
+    if type(body) is not list or len(body) != 2 or body[0] != WIRE_VERSION or type(body[1]) is not list:
+        raise WireError("job report frame is not [version, reports] of our version")
+    rows = body[1]
+    reports = []
+    for row in rows:
+        if type(row) is not list or len(row) < 2 or type(row[0]) is not str or not row[0] or type(row[1]) is not int:
+            raise WireError("malformed job report")
+        kind = row[1]
+        if kind == JOB_OK and len(row) == 3 and type(row[2]) is bytes:
+            reports.append(JobReport(row[0], JOB_OK, row[2]))
+        elif kind == JOB_FAILED and len(row) == 4 and type(row[2]) is str and type(row[3]) is bool:
+            reports.append(JobReport(row[0], JOB_FAILED, b"", row[2], row[3]))
+        elif (
+            kind == JOB_EXTEND and len(row) == 3 and type(row[2]) in (int, float)
+            and 0 <= row[2] <= MAX_JOB_LEASE
+        ):
+            reports.append(JobReport(row[0], JOB_EXTEND, seconds=float(row[2])))
+        elif kind == JOB_REFUSED and len(row) == 2:
+            reports.append(JobReport(row[0], JOB_REFUSED))
+        else:
+            raise WireError("malformed job report")
+    return reports
+
+
+def encode_shared_message(topic: str, payload: bytes, qos: int, properties: dict[str, Any] | None) -> bytes:
+    """A message for a shared subscription group, carried as the payload of a job."""
+    return _packb([topic, payload, qos, properties or None])
+
+
+def decode_shared_message(data: bytes) -> tuple[str, bytes, int, dict[str, Any] | None]:
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"undecodable shared message: {exc}") from None
     if not (
-        isinstance(job_id, str) and job_id and type(ok) is bool and type(result) is bytes
-        and isinstance(error, str) and type(retry) is bool
-        and isinstance(seconds, int | float) and 0 <= seconds <= 86_400
+        type(body) is list and len(body) == 4
+        and type(body[0]) is str and body[0] and "\x00" not in body[0]
+        and type(body[1]) is bytes
+        and body[2] in (0, 1, 2) and type(body[2]) is int
+        and (body[3] is None or type(body[3]) is dict)
     ):
-        raise WireError("malformed job report")
-    return JobReport(job_id, ok, result, error, retry, float(seconds))
+        raise WireError("malformed shared message")
+    return body[0], body[1], body[2], body[3]

@@ -129,3 +129,35 @@ def test_a_job_whose_lease_runs_out_is_delivered_again(certs: Path) -> None:
             return attempts
 
     assert asyncio.run(main()) == [1, 2]
+
+
+def test_submit_many_gives_results_in_order_and_ids_stay_idempotency_keys(certs: Path) -> None:
+    async def main() -> tuple[list[bytes], Counter[str], str, bool]:
+        async with two_nodes(certs) as (one, two):
+            runs: Counter[str] = Counter()
+
+            async def worker() -> None:
+                async for job in two.work("scan", prefetch=64):
+                    runs[job.id] += 1
+                    if job.payload == b"poison":
+                        await job.nack("crashed", retry=False)
+                    else:
+                        await job.ack(job.payload.upper())
+
+            task = asyncio.create_task(worker())
+            await until_serving(one, "scan", worker_key(two))
+            batch = await one.submit_many("scan", [f"t{i}".encode() for i in range(1000)])
+            results = await batch.results(timeout=30)
+            # Ids given: "b" twice in one batch, "a" already pending from a single submit.
+            single = await one.submit("scan", b"x", job_id="a")
+            keyed = await one.submit_many("scan", [b"x", b"y", b"z", b"poison"], ["a", "b", "b", "p"])
+            with pytest.raises(JobFailed, match="crashed"):
+                await keyed.results(timeout=10)
+            same = keyed[0] is single and keyed[1] is keyed[2]
+            task.cancel()
+            return results, runs, (await keyed[1].result()).decode(), same
+
+    results, runs, b_result, same = asyncio.run(main())
+    assert results == [f"T{i}".encode() for i in range(1000)]
+    assert same and b_result == "Y" and runs["a"] == runs["b"] == runs["p"] == 1
+    assert len(runs) == 1003 and set(runs.values()) == {1}

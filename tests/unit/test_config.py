@@ -508,3 +508,185 @@ def test_mesh_policy_keeps_rule_order(tmp_path: Path) -> None:
 def test_bad_mesh_policy_names_the_key(tmp_path: Path, body: str, message: str) -> None:
     error = error_of(write(tmp_path, f'[node]\nname = "a"\n{body}\n'))
     assert error.key == "mesh.policy" and message in str(error)
+
+
+# ---------------------------------------------------------------------------- users and ACLs
+
+
+def test_auth_defaults_are_off() -> None:
+    mqtt = load_config(None, {"node.name": "a"}).mqtt
+    assert (mqtt.password_file, mqtt.acl_file, mqtt.allow_anonymous) == (None, None, None)
+
+
+def test_auth_files_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[node]\nname = "a"\n[mqtt]\npassword_file = "auth/passwd"\nacl_file = "/etc/zmesh/acl"\n'
+        "allow_anonymous = true\n",
+    )
+    mqtt = load_config(path).mqtt
+    assert mqtt.password_file == tmp_path / "auth" / "passwd"
+    assert mqtt.acl_file == Path("/etc/zmesh/acl")
+    assert mqtt.allow_anonymous is True
+
+
+def test_allow_anonymous_from_the_command_line_and_unset() -> None:
+    assert load_config(None, {"node.name": "a", "mqtt.allow_anonymous": "false"}).mqtt.allow_anonymous is False
+    assert load_config(None, {"node.name": "a", "mqtt.allow_anonymous": "yes"}).mqtt.allow_anonymous is True
+    assert load_config(None, {"node.name": "a", "mqtt.allow_anonymous": None}).mqtt.allow_anonymous is None
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "fragment"),
+    [
+        ('allow_anonymous = "false"', "mqtt.allow_anonymous", "expected true or false, got string"),
+        ("allow_anonymous = 1", "mqtt.allow_anonymous", "expected true or false, got integer"),
+        ("password_file = 1", "mqtt.password_file", "expected a string"),
+        ('password_file = ""', "mqtt.password_file", "empty"),
+        ('acl_file = ["a"]', "mqtt.acl_file", "expected a string, got array"),
+        ('acl_files = "a"', "mqtt.acl_files", "did you mean mqtt.acl_file?"),
+    ],
+)
+def test_bad_auth_values_name_file_and_key(tmp_path: Path, value: str, key: str, fragment: str) -> None:
+    path = write(tmp_path, f'[node]\nname = "a"\n[mqtt]\n{value}\n')
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), key), str(err)
+    assert fragment in str(err)
+
+
+# ---------------------------------------------------------------------------- MQTT listeners
+
+LISTENERS = """
+[node]
+name = "a"
+
+[[mqtt.listeners]]
+address = "0.0.0.0:8883"
+certfile = "tls/server.pem"
+keyfile = "/etc/zmesh/server.key"
+cafile = "tls/ca.pem"
+require_certificate = true
+use_identity_as_username = true
+tls_version = "tlsv1.3"
+ciphers = "ECDHE+AESGCM"
+
+[[mqtt.listeners]]
+address = "[::1]:8080"
+protocol = "websockets"
+"""
+
+
+def test_listeners_parse_with_mosquitto_names_and_file_relative_paths(tmp_path: Path) -> None:
+    from zmesh.config import ListenerConfig
+
+    mqtt = load_config(write(tmp_path, LISTENERS)).mqtt
+    tls, ws = mqtt.listeners
+    assert tls == ListenerConfig(
+        address="0.0.0.0:8883",
+        certfile=tmp_path / "tls" / "server.pem",
+        keyfile=Path("/etc/zmesh/server.key"),
+        cafile=tmp_path / "tls" / "ca.pem",
+        require_certificate=True,
+        use_identity_as_username=True,
+        tls_version="tlsv1.3",
+        ciphers="ECDHE+AESGCM",
+    )
+    assert (tls.key, tls.scheme, tls.tls) == ("mqtt.listeners[0]", "mqtts", True)
+    assert (ws.address, ws.protocol, ws.scheme, ws.tls, ws.tls_version) == ("[::1]:8080", "websockets", "ws", False, "tlsv1.2")
+    # Listeners replace the default plain listener unless mqtt.listen is set explicitly.
+    assert mqtt.listen is None and mqtt.all_listeners == (tls, ws)
+
+
+def test_explicit_listen_stays_first_beside_listeners(tmp_path: Path) -> None:
+    path = write(tmp_path, LISTENERS.replace("[[mqtt.listeners]]", '[mqtt]\nlisten = "127.0.0.1:1883"\n[[mqtt.listeners]]', 1))
+    mqtt = load_config(path).mqtt
+    assert [(x.key, x.address, x.scheme) for x in mqtt.all_listeners] == [
+        ("mqtt.listen", "127.0.0.1:1883", "mqtt"),
+        ("mqtt.listeners[0]", "0.0.0.0:8883", "mqtts"),
+        ("mqtt.listeners[1]", "[::1]:8080", "ws"),
+    ]
+    # --mqtt on the command line keeps the plain listener next to the file's listeners.
+    cli = load_config(write(tmp_path, LISTENERS), {"mqtt.listen": "127.0.0.1:0"}).mqtt
+    assert [x.key for x in cli.all_listeners] == ["mqtt.listen", "mqtt.listeners[0]", "mqtt.listeners[1]"]
+    # Without listeners nothing changes: the default plain listener.
+    assert [x.address for x in load_config(None, {"node.name": "a"}).mqtt.all_listeners] == ["127.0.0.1:1883"]
+
+
+def test_listeners_from_the_python_api_resolve_against_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    mqtt = load_config(None, {"node.name": "a", "mqtt.listeners": [
+        {"address": "127.0.0.1:0", "certfile": "s.pem", "keyfile": "s.key"},
+    ]}).mqtt
+    assert mqtt.listeners[0].certfile == tmp_path / "s.pem"
+
+
+@pytest.mark.parametrize(
+    ("entries", "key", "fragment"),
+    [
+        ('[[mqtt.listeners]]\nprotocol = "mqtt"', "mqtt.listeners[0].address", "required"),
+        ('[[mqtt.listeners]]\naddress = "127.0.0.1"', "mqtt.listeners[0].address", "missing port"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\nprotocol = "ws"', "mqtt.listeners[0].protocol", 'did you mean "websockets"'),
+        ('[[mqtt.listeners]]\naddress = "h:1"\nprotocol = "mqtts"', "mqtt.listeners[0].protocol", "TLS comes from certfile"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncertfile = "c"', "mqtt.listeners[0].keyfile", "required with certfile"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\nkeyfile = "k"', "mqtt.listeners[0].certfile", "required with keyfile"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\n[[mqtt.listeners]]\naddress = "h:2"\ncertfile = "c"',
+         "mqtt.listeners[1].keyfile", "TLS needs both"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncafile = "ca"', "mqtt.listeners[0].cafile", "needs TLS"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\nrequire_certificate = true', "mqtt.listeners[0].require_certificate", "needs TLS"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncertfile = "c"\nkeyfile = "k"\nrequire_certificate = true',
+         "mqtt.listeners[0].require_certificate", "needs cafile or capath"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncertfile = "c"\nkeyfile = "k"\nuse_identity_as_username = true',
+         "mqtt.listeners[0].use_identity_as_username", "needs require_certificate"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncertfile = "c"\nkeyfile = "k"\nrequire_certificate = "yes"\ncafile = "a"',
+         "mqtt.listeners[0].require_certificate", "expected true or false, got string"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncertfile = "c"\nkeyfile = "k"\ntls_version = "tlsv1.1"',
+         "mqtt.listeners[0].tls_version", "older than 1.2"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncertfile = "c"\nkeyfile = "k"\ntls_version = "tls1.3"',
+         "mqtt.listeners[0].tls_version", "tlsv1.2 or tlsv1.3"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\ncerfile = "c"', "mqtt.listeners[0].cerfile", "did you mean certfile?"),
+        ('[[mqtt.listeners]]\naddress = "h:1"\nport = 8883', "mqtt.listeners[0].port", 'address = "HOST:PORT"'),
+        ('[[mqtt.listeners]]\naddress = "h:1"\n[[mqtt.listeners]]\naddress = "h:1"',
+         "mqtt.listeners[1].address", "already used by mqtt.listeners[0]"),
+        ('[mqtt]\nlisten = "h:1"\n[[mqtt.listeners]]\naddress = "h:1"',
+         "mqtt.listeners[0].address", "already used by mqtt.listen"),
+        ('[mqtt]\nlisteners = "h:1"', "mqtt.listeners", "array of tables"),
+        ('[mqtt]\nlisteners = ["h:1"]', "mqtt.listeners[0]", "expected a table"),
+    ],
+)
+def test_bad_listeners_name_file_entry_and_key(tmp_path: Path, entries: str, key: str, fragment: str) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n' + entries + "\n")
+    err = error_of(path)
+    assert (err.file, err.key) == (str(path), key), str(err)
+    assert str(err).startswith(f"{path}: {key}: ")
+    assert fragment in str(err), str(err)
+
+
+def test_port_zero_listeners_never_clash(tmp_path: Path) -> None:
+    path = write(tmp_path, '[node]\nname = "a"\n[mqtt]\nlisten = "h:0"\n'
+                 '[[mqtt.listeners]]\naddress = "h:0"\n[[mqtt.listeners]]\naddress = "h:0"\nprotocol = "websockets"\n')
+    assert len(load_config(path).mqtt.all_listeners) == 3
+
+
+_LISTENER_VALUES = st.one_of(
+    st.sampled_from(["127.0.0.1:0", "h:1", "[::1]:8883", "mqtt", "websockets", "tlsv1.2", "tlsv1.3", "c.pem", ""]),
+    st.booleans(), st.integers(-2, 70000), st.text(max_size=12), st.lists(st.integers(), max_size=2),
+)
+_LISTENER_TABLES = st.dictionaries(
+    st.sampled_from(["address", "protocol", "certfile", "keyfile", "cafile", "capath", "require_certificate",
+                     "use_identity_as_username", "tls_version", "ciphers", "port", "x"]),
+    _LISTENER_VALUES, max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(_LISTENER_TABLES, max_size=3), _LISTENER_VALUES))
+def test_any_listeners_value_loads_or_gives_a_config_error_naming_it(value: object) -> None:
+    try:
+        mqtt = load_config(None, {"node.name": "a", "mqtt.listeners": value}).mqtt
+    except ConfigError as err:
+        assert err.file == "<command line>" and err.key.startswith("mqtt.listeners"), str(err)
+        return
+    for listener in mqtt.listeners:  # what loads is consistent
+        assert (listener.certfile is None) == (listener.keyfile is None)
+        assert not listener.use_identity_as_username or listener.require_certificate
+        assert not listener.require_certificate or listener.cafile or listener.capath

@@ -20,7 +20,7 @@ def test_credit_bounds_what_a_worker_holds_and_acks_free_it() -> None:
     sent = d.dispatch(now=0)
     assert [(j.id, w) for j, w in sent] == [("j0", "w1"), ("j1", "w1")]
     assert d.dispatch(now=0) == []  # no credit left
-    assert d.acked("j0", "w1")[1] is Outcome.DONE
+    assert d.acked("j0", "w1") is not None
     assert [j.id for j, _ in d.dispatch(now=1)] == ["j2"]
     stats = d.stats("scan", now=2)
     assert (stats.depth, stats.in_flight, stats.done_total) == (2, 2, 1)
@@ -48,7 +48,7 @@ def test_lease_expiry_redelivers_then_dead_letters() -> None:
     [(again, holder)] = d.dispatch(now=5)
     assert again.attempts == 2
     other = "w2" if holder == "w1" else "w1"
-    assert d.acked("j1", other)[1] is Outcome.UNKNOWN  # only the current holder's ack counts
+    assert d.acked("j1", other) is None  # only the current holder's ack counts
     [(j, outcome)] = d.expire(now=11)
     assert outcome is Outcome.DEAD and d.stats("scan", 11).dead_total == 1 and "j1" not in d.jobs
 
@@ -95,6 +95,9 @@ ops = st.lists(
         st.tuples(st.just("dispatch")),
         st.tuples(st.just("ack"), st.integers(0, 9), st.sampled_from(["w1", "w2"])),
         st.tuples(st.just("nack"), st.integers(0, 9), st.sampled_from(["w1", "w2"]), st.booleans()),
+        st.tuples(st.just("refuse"), st.integers(0, 9), st.sampled_from(["w1", "w2"])),
+        st.tuples(st.just("extend"), st.integers(0, 9), st.sampled_from(["w1", "w2"]), st.floats(0, 30)),
+        st.tuples(st.just("drop"), st.floats(0, 20)),
         st.tuples(st.just("tick"), st.floats(0, 20)),
     ),
     max_size=60,
@@ -122,13 +125,19 @@ def test_no_job_is_ever_lost_or_duplicated(operations: list) -> None:
         elif kind == "dispatch":
             d.dispatch(now)
         elif kind == "ack":
-            j, outcome = d.acked(f"j{op[1]}", op[2])
-            if outcome is Outcome.DONE:
-                finished[f"j{op[1]}"] = outcome
+            if d.acked(f"j{op[1]}", op[2]) is not None:
+                finished[f"j{op[1]}"] = Outcome.DONE
         elif kind == "nack":
             j, outcome = d.nacked(f"j{op[1]}", op[2], "x", retry=op[3])
             if outcome is Outcome.DEAD:
                 finished[f"j{op[1]}"] = outcome
+        elif kind == "refuse":
+            d.refused(f"j{op[1]}", op[2])
+        elif kind == "extend":
+            d.extend(f"j{op[1]}", op[2], op[3], now)
+        elif kind == "drop":  # queues nobody serves: their old jobs go (shared subscriptions)
+            for j in d.drop_unserved("sc", now, op[1]):
+                finished[j.id] = Outcome.DEAD
         else:
             now += op[1]
             for j, outcome in d.expire(now):
@@ -142,6 +151,7 @@ def test_no_job_is_ever_lost_or_duplicated(operations: list) -> None:
         unfinished = set(pending) | set(in_flight)
         assert unfinished == set(d.jobs)
         assert all(len(w.outstanding) <= 3 for w in d.workers.values())
+        assert all(0 <= j.attempts <= 3 for j in d.jobs.values())
         assert submitted <= unfinished | set(finished)
 
 
@@ -162,3 +172,38 @@ def test_undone_dispatch_is_first_in_line_and_costs_no_attempt() -> None:
     d.undo_dispatch(j)
     [(again, _)] = d.dispatch(now=0)
     assert again.id == "j1" and again.attempts == 1
+
+
+def test_a_refusal_returns_the_workers_jobs_of_that_queue_without_spending_attempts() -> None:
+    d = Dispatcher(lease=5, max_attempts=2)
+    for n in range(3):
+        d.submit(job(n))
+    d.submit(job(9, queue="other"))
+    d.worker_up("w", "scan", prefetch=3)
+    d.worker_up("w", "other", prefetch=1)
+    assert len(d.dispatch(now=0)) == 4
+    assert d.refused("j1", "w")  # w stopped serving "scan": all three come back
+    assert ("w", "scan") not in d.workers and ("w", "other") in d.workers
+    assert sorted(d.pending["scan"]) == ["j0", "j1", "j2"] and all(d.jobs[f"j{n}"].attempts == 0 for n in range(3))
+    assert not d.refused("j1", "w")  # not in flight there any more: ignored
+    d.worker_up("w2", "scan", prefetch=3)
+    assert {j.id for j, w in d.dispatch(now=1)} == {"j0", "j1", "j2"}  # to w2, first attempt
+
+
+def test_dead_letters_of_shared_groups_name_the_group_and_carry_the_topic() -> None:
+    import base64
+    import json
+
+    from zmesh import wire
+    from zmesh.jobqueue import _dead_letter
+    from zmesh.topics import validate_topic_name
+
+    message = wire.encode_shared_message("scans/new", b"10.0.0.1", 1, None)
+    dead = Job("j1", "$share/scanners/scans/#", message, 0.0, attempts=5, last_error="member left")
+    topic, body = _dead_letter(dead)
+    validate_topic_name(topic)  # a filter's wildcards never end up in the topic
+    letter = json.loads(body)
+    assert topic == "$jobs/dead/$share/scanners" and letter["topic"] == "scans/new"
+    assert base64.b64decode(letter["payload"]) == b"10.0.0.1" and letter["reason"] == "member left"
+    plain_topic, plain_body = _dead_letter(Job("j2", "scan", b"x", 0.0, attempts=5))
+    assert plain_topic == "$jobs/dead/scan" and base64.b64decode(json.loads(plain_body)["payload"]) == b"x"

@@ -11,8 +11,10 @@ def test_window_holds_inflight_then_queues_then_drops() -> None:
     assert [m.packet_id for m in sent if m] == [1, 2]
     assert sent[2] is None and sent[3] is None and sent[4] is None
     assert window.dropped == 1 and len(window.queue) == 2
+    # the oldest queued message (t/2) made room for t/4: a returning client wants the latest
+    assert [m.topic for m in window.queue] == ["t/3", "t/4"]
     released = window.acknowledge(1)
-    assert [m.topic for m in released] == ["t/2"] and released[0].packet_id == 3
+    assert [m.topic for m in released] == ["t/3"] and released[0].packet_id == 3
     assert window.acknowledge(1) == []  # a duplicate ack is harmless
 
 

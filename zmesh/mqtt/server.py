@@ -20,10 +20,10 @@ import secrets
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from zmesh import topics
-from zmesh.config import MqttConfig, parse_hostport
+from zmesh.config import MqttConfig
 from zmesh.mqtt import codec
 from zmesh.mqtt.codec import (
     MQTT_5,
@@ -42,7 +42,9 @@ from zmesh.mqtt.codec import (
     encode_properties,
     encode_publish,
 )
-from zmesh.mqtt.session import InboundQoS2, OutboundWindow, Outgoing
+from zmesh.mqtt.listeners import BoundListener, ListenerSet
+from zmesh.mqtt.session import NEVER, Outgoing, SubscriptionOptions, TopicAliases, remaining_expiry
+from zmesh.mqtt.sessions import ACL_CACHE_LIMIT, Session, SessionStore
 
 if TYPE_CHECKING:
     from zmesh.node import Node
@@ -51,11 +53,13 @@ log = logging.getLogger("zmesh.mqtt")
 
 CONNECT_TIMEOUT = 10.0  # a socket that never sends CONNECT is closed after this
 WRITE_BUFFER_LIMIT = 8 * 1024 * 1024  # past this, QoS 0 messages to a slow client are dropped
-MAX_GRANTED_QOS = 1  # outbound QoS 2 comes with the full MQTT front door
+MAX_GRANTED_QOS = 2
+BACKLOG_LIMIT = 1000  # packets a client may send before its CONNACK (while its password is checked)
 
 # 3.1.1 CONNACK return codes
 CONNACK_UNACCEPTABLE_VERSION = 1
 CONNACK_IDENTIFIER_REJECTED = 2
+CONNACK_NOT_AUTHORIZED = 5
 # MQTT 5 reason codes used here
 RC_UNSPECIFIED = 0x80
 RC_CLIENT_ID_NOT_VALID = 0x85
@@ -73,32 +77,51 @@ PINGRESP = b"\xd0\x00"
 
 
 class Connection(asyncio.Protocol):
+    """One client connection: decodes its packets, drives its ``Session``, and encodes and
+    writes what goes to the client. The session (subscriptions, messages in flight and
+    queued, QoS 2 state) outlives the connection when the client asked for that."""
+
     def __init__(self, server: MQTTServer) -> None:
         self.server = server
         self.node = server.node
+        self.config = server.config
         self.transport: asyncio.Transport | None = None
         self.decoder = codec.Decoder(max_packet_size=server.config.max_packet_size)
         self.client_id = ""
         self.level = 4
-        self.connected = False
+        self.connected = False  # CONNECT accepted (CONNACK 0 sent)
         self.closing = False
         self.keepalive = CONNECT_TIMEOUT
         self.last_rx = time.monotonic()
         self.will: codec.Will | None = None
-        self.window = OutboundWindow(server.config.max_inflight, server.config.max_queued)
-        self.inbound_qos2 = InboundQoS2(server.config.max_inflight * 4)
+        self.session: Session | None = None
+        self.username: str | None = None
+        # The TLS client certificate's CN, set by a listener with use_identity_as_username:
+        # then it is the username and no password is checked (the certificate was).
+        self.cert_username: str | None = None
+        self.acl: Any = None  # the node's Authority when it has ACL rules, else None (allow all)
+        self.aliases: TopicAliases | None = None
+        self.max_out = 0  # the client's Maximum Packet Size (MQTT 5); 0: no limit
+        self.problem_info = True  # MQTT 5 Request Problem Information: reason strings on acks
         self.dropped = 0
         self.peer = "?"
+        self._write_allowed: dict[str, bool] = {}
+        self._write_generation = -1
         self._out: list[bytes] = []
         self._held_acks: deque[tuple[asyncio.Future[None] | None, bytes, int, int]] = deque()
         self._flush_scheduled = False
+        # Packets that arrived while the CONNECT's password was checked in a thread.
+        self._backlog: list[codec.Packet] | None = None
+        self._backlog_error: MQTTError | None = None
+        self._lost = False
         self._loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, and a WebSocket
+        # listener hands over its own wrapper: only the Transport methods are relied on.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Without it Nagle and delayed ACK add ~40 ms to a small message.
@@ -116,6 +139,28 @@ class Connection(asyncio.Protocol):
             # The packets before the bad one in this read are valid and are handled first
             # (a CONNECT gets its CONNACK), as if they had arrived in an earlier read.
             packets, error = getattr(exc, "packets", None) or [], exc
+        backlog = self._backlog
+        if backlog is not None:  # the CONNECT is still being authenticated
+            backlog.extend(packets)
+            self._backlog_error = self._backlog_error or error
+            if len(backlog) > BACKLOG_LIMIT:
+                self._fail(codec.QUOTA_EXCEEDED, f"more than {BACKLOG_LIMIT} packets before CONNACK")
+            return
+        if not self.connected and packets and type(packets[0]) is Connect:
+            # CONNECT may go to a thread (a password to check): what follows it waits.
+            try:
+                self._on_connect(packets[0])
+            except MQTTError as exc:
+                self._fail(exc.reason_code, str(exc))
+                return
+            packets = packets[1:]
+            if self._backlog is not None:
+                self._backlog.extend(packets)
+                self._backlog_error = error
+                return
+        self._handle(packets, error)
+
+    def _handle(self, packets: list[codec.Packet], error: MQTTError | None) -> None:
         try:
             for packet in packets:
                 if self.closing:
@@ -132,95 +177,240 @@ class Connection(asyncio.Protocol):
             self._fail(codec.PROTOCOL_ERROR, str(exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self.server.connections.discard(self)
-        if not self.connected:
-            return
+        session, self.session = self.session, None
         self.connected = False
-        if self.server.sessions.get(self.client_id) is self:
-            del self.server.sessions[self.client_id]
-        self.node.remove_subscriber(self)
-        if self.will is not None:
-            will, self.will = self.will, None
-            log.info("client %s gone without DISCONNECT: publishing its will to %s", self.client_id, will.topic)
-            self._publish_will(will)
+        if session is None:
+            return  # never connected, refused, or taken over (already detached)
+        will, self.will = self.will, None
+        if will is not None:
+            log.info("client %s gone without DISCONNECT: its will goes to %s", self.client_id, will.topic)
         else:
             log.debug("client %s disconnected", self.client_id)
+        self.server.sessions.disconnected(session, will)
 
-    # ------------------------------------------------------------------ packets in
+    # ------------------------------------------------------------------ CONNECT
 
     def _on_connect(self, packet: Connect) -> None:
-        self.level = packet.protocol_level
-        self.decoder.protocol_level = packet.protocol_level
+        level = packet.protocol_level
+        self.level = level
+        self.decoder.protocol_level = level
         client_id = packet.client_id
         assigned = False
         if not client_id:
-            if self.level < MQTT_5 and not packet.clean_start or self.level == 3:
+            if level < MQTT_5 and not packet.clean_start or level == 3:
                 self._refuse(CONNACK_IDENTIFIER_REJECTED, RC_CLIENT_ID_NOT_VALID, "empty client id without clean session")
                 return
             client_id, assigned = f"zmesh-{secrets.token_hex(8)}", True
         self.client_id = client_id
-        previous = self.server.sessions.get(client_id)
-        if previous is not None:
-            previous.take_over()
-        self.server.sessions[client_id] = self
+        auth = getattr(self.node, "auth", None)
+        if auth is not None and not getattr(auth, "enabled", True):
+            auth = None  # no password file, no ACL, anonymous allowed: nothing to check, ever
+        if auth is not None and self.cert_username is None:
+            if packet.password is not None and packet.username is not None:
+                # Checking a password hash (PBKDF2) can take long: a thread does it while
+                # this connection's further packets wait; nobody else waits.
+                self._backlog = []
+                future = self._loop.run_in_executor(None, auth.authenticate, packet.username, packet.password)
+                future.add_done_callback(lambda f: self._authenticated(f, packet, assigned, auth))
+                return
+            if not auth.authenticate(packet.username, packet.password):
+                self._refuse_login(packet.username)
+                return
+        self._accept(packet, assigned, auth)
+
+    def _authenticated(self, future: asyncio.Future[bool], packet: Connect, assigned: bool, auth: Any) -> None:
+        backlog, error = self._backlog or [], self._backlog_error
+        self._backlog = self._backlog_error = None
+        if self._lost or self.closing:
+            return
+        try:
+            allowed = bool(future.result())
+        except Exception as exc:  # a bug in the password check must not let anyone in
+            log.error("client %s: password check failed: %s", self.client_id, type(exc).__name__)
+            allowed = False
+        if not allowed:
+            self._refuse_login(packet.username)
+            return
+        try:
+            self._accept(packet, assigned, auth)
+        except MQTTError as exc:
+            self._fail(exc.reason_code, str(exc))
+            return
+        self._handle(backlog, error)
+
+    def _refuse_login(self, username: str | None) -> None:
+        # Mosquitto 2.0 answers every refused login "not authorized" (3.1.1 code 5, MQTT 5
+        # 0x87), wrong password and unknown user alike, so the answer reveals no user names.
+        self.server.refused_logins_total += 1
+        who = f"user {username!r}" if username is not None else "anonymous client"
+        self._refuse(CONNACK_NOT_AUTHORIZED, RC_NOT_AUTHORIZED, f"not authorised: {who} (client {self.client_id!r})")
+
+    def _accept(self, packet: Connect, assigned: bool, auth: Any) -> None:
+        level = self.level
+        v5 = level == MQTT_5
+        config = self.config
+        client_id = self.client_id
+        props = packet.properties if v5 else {}
+        if v5:
+            expiry = props.get("session_expiry_interval", 0)
+        else:
+            expiry = 0 if packet.clean_start else NEVER  # 3.1.1: clean session 0 never expires
+        store = self.server.sessions
+        existing = store.get(client_id)
+        if existing is not None and isinstance(existing.conn, Connection):
+            existing.conn.take_over()
+        session, present = store.open(client_id, packet.clean_start)
+        acl = auth if auth is not None and getattr(auth, "acl_file", True) is not None else None
+        self.username = self.cert_username if self.cert_username is not None else packet.username
+        session.username = self.username
+        session.auth = self.acl = acl
+        session.level = level
+        session.expiry = expiry
+        session.conn = self
+        self.session = session
         self.connected = True
         self.keepalive = packet.keepalive * 1.5 if packet.keepalive else 0.0
         self.will = packet.will
+        client_receive_maximum = 65535
         properties: dict[str, Any] = {}
-        if self.level == MQTT_5:
+        if v5:
+            self.max_out = props.get("maximum_packet_size", 0)
+            self.problem_info = bool(props.get("request_problem_information", 1))
+            client_receive_maximum = props.get("receive_maximum", 65535)
+            if config.topic_alias_maximum:
+                self.aliases = TopicAliases(config.topic_alias_maximum)
             properties = {
-                "maximum_qos": MAX_GRANTED_QOS,
-                "topic_alias_maximum": 0,
+                # No maximum_qos: QoS 2 is supported, and the property may only say 0 or 1.
+                "receive_maximum": config.max_inflight,
+                "topic_alias_maximum": config.topic_alias_maximum,
                 "retain_available": 1,
                 "wildcard_subscription_available": 1,
                 "shared_subscription_available": 1,
-                "subscription_identifier_available": 0,
-                "maximum_packet_size": self.server.config.max_packet_size,
-                "receive_maximum": max(1, self.server.config.max_inflight),
+                "subscription_identifier_available": 1,
+                "maximum_packet_size": config.max_packet_size,
             }
             if assigned:
                 properties["assigned_client_identifier"] = client_id
-        self._write(encode(codec.ConnAck(False, 0, properties), self.level))
-        log.debug("client %s connected from %s (MQTT level %d)", client_id, self.peer, self.level)
+        # Our in-flight window towards the client: our limit, or its Receive Maximum.
+        session.window.set_max_inflight(min(config.max_inflight, client_receive_maximum))
+        if present and acl is not None:
+            # The user may differ from last time, or the rules may have changed: queued
+            # messages it may no longer read are dropped (as Mosquitto does on connect).
+            session.window.retain_only(lambda m: session.may_read(m.topic))
+        self._write(encode(codec.ConnAck(present, 0, properties), level))
+        log.debug(
+            "client %s connected from %s (MQTT level %d, session %s)",
+            client_id, self.peer, level, "resumed" if present else "new",
+        )
+        if present:
+            now = time.monotonic()
+            for message in session.window.resume(now):
+                if message.released:
+                    self._write(bytes((0x62, 2)) + message.packet_id.to_bytes(2, "big"))  # PUBREL again
+                else:
+                    self.send(message)  # DUP when it went out before
+            session.count_drops()
+
+    # ------------------------------------------------------------------ packets in
+
+    def _may_write(self, topic: str) -> bool:
+        if topic.startswith("$SYS"):
+            return False  # $SYS is the node's to write, as in Mosquitto
+        acl = self.acl
+        if acl is None:
+            return True
+        if acl.generation != self._write_generation:
+            self._write_allowed.clear()
+            self._write_generation = acl.generation
+        allowed = self._write_allowed.get(topic)
+        if allowed is None:
+            allowed = bool(acl.authorize(self.username, self.client_id, topic, "write"))
+            if len(self._write_allowed) >= ACL_CACHE_LIMIT:
+                self._write_allowed.clear()
+            self._write_allowed[topic] = allowed
+            if not allowed:
+                log.info("client %s: ACL denies publishing to %s", self.client_id, topic)
+        return allowed
 
     def _on_publish(self, packet: Publish) -> None:
-        if not self.connected:
+        session = self.session
+        if session is None:
             raise MQTTError(codec.PROTOCOL_ERROR, "PUBLISH before CONNECT")
+        topic = packet.topic
         properties: dict[str, Any] | None = packet.properties
         if properties:
-            if "topic_alias" in properties:
-                raise MQTTError(RC_TOPIC_ALIAS_INVALID, "topic aliases are not enabled (topic_alias_maximum 0)")
-            properties = {k: v for k, v in properties.items() if k != "subscription_identifier"} or None
+            alias = properties.get("topic_alias")
+            if alias is not None:
+                if self.aliases is None:
+                    raise MQTTError(RC_TOPIC_ALIAS_INVALID, "topic aliases are not enabled (topic_alias_maximum 0)")
+                topic = self.aliases.resolve(topic, alias)
+            if alias is not None or "subscription_identifier" in properties:
+                # Neither belongs to the message: an alias is this connection's shorthand,
+                # identifiers are the receiver's.
+                properties = {
+                    k: v for k, v in properties.items() if k != "topic_alias" and k != "subscription_identifier"
+                }
+            properties = properties or None
         else:
             properties = None
-        topic, qos = packet.topic, packet.qos
-        allowed = not topic.startswith("$SYS")  # $SYS is the node's to write, as in Mosquitto
+        if not topic:
+            raise MQTTError(codec.PROTOCOL_ERROR, "PUBLISH with an empty topic and no topic alias")
+        qos = packet.qos
+        allowed = self._may_write(topic)
         if qos == 0:
             if allowed:
-                self.node.publish_nowait(topic, packet.payload, 0, packet.retain, properties)
-        elif qos == 1:
-            durable = None
-            if allowed:
-                durable = self.node.publish_nowait(topic, packet.payload, 1, packet.retain, properties)
-            self._ack(0x40, packet.packet_id, 0 if allowed else RC_NOT_AUTHORIZED, durable)
-        else:
-            assert packet.packet_id is not None
-            durable = None
-            if self.inbound_qos2.received(packet.packet_id):
-                if self.inbound_qos2.full():
-                    raise MQTTError(0x93, "too many unreleased QoS 2 messages (receive maximum exceeded)")
-                if allowed:
-                    durable = self.node.publish_nowait(topic, packet.payload, 2, packet.retain, properties)
-            self._ack(0x50, packet.packet_id, 0 if allowed else RC_NOT_AUTHORIZED, durable)
+                self._publish(session, topic, packet.payload, 0, packet.retain, properties)
+            return
+        packet_id = packet.packet_id
+        assert packet_id is not None
+        if not allowed:
+            # Mosquitto 2.0: acknowledged (MQTT 5: "not authorized") and dropped. A refused
+            # QoS 2 message ends with that PUBREC in MQTT 5; 3.1.1 goes on to PUBREL/PUBCOMP.
+            self._ack(0x40 if qos == 1 else 0x50, packet_id, RC_NOT_AUTHORIZED, None, topic)
+            return
+        if qos == 1:
+            self._ack(0x40, packet_id, 0, self._publish(session, topic, packet.payload, 1, packet.retain, properties))
+            return
+        durable = None
+        inbound = session.inbound_qos2
+        if inbound.received(packet_id):
+            if self.level == MQTT_5 and len(inbound.pending) + len(self._held_acks) > self.config.max_inflight:
+                raise MQTTError(
+                    codec.RECEIVE_MAXIMUM_EXCEEDED,
+                    f"more than {self.config.max_inflight} unacknowledged QoS 2 messages (receive maximum)",
+                )
+            durable = self._publish(session, topic, packet.payload, 2, packet.retain, properties)
+        self._ack(0x50, packet_id, 0, durable)  # a duplicate (DUP) gets its PUBREC again, no delivery
+
+    def _publish(
+        self, session: Session, topic: str, payload: bytes, qos: int, retain: bool, properties: dict[str, Any] | None
+    ) -> asyncio.Future[None] | None:
+        server = self.server
+        server.publishing = session  # for MQTT 5 no local: this client's own subscriptions skip it
+        try:
+            return self.node.publish_nowait(topic, payload, qos, retain, properties)
+        finally:
+            server.publishing = None
 
     def _ack(
-        self, header: int, packet_id: int | None, reason: int, durable: asyncio.Future[None] | None = None
+        self,
+        header: int,
+        packet_id: int | None,
+        reason: int,
+        durable: asyncio.Future[None] | None = None,
+        denied_topic: str | None = None,
     ) -> None:
         """Acknowledge a publish; after ``durable`` completes (a retained write reaching the
         disk) when given. Acks leave in the order the publishes came, as MQTT requires."""
         assert packet_id is not None
         if reason and self.level == MQTT_5:
-            data = bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
+            if denied_topic is not None and self.problem_info:
+                properties = {"reason_string": f"not authorized to publish to {denied_topic}"}
+                data = encode((PubAck if header == 0x40 else PubRec)(packet_id, reason, properties), MQTT_5)
+            else:
+                data = bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
         else:
             data = bytes((header, 2)) + packet_id.to_bytes(2, "big")
         if durable is None and not self._held_acks:
@@ -243,50 +433,93 @@ class Connection(asyncio.Protocol):
             self._write(data)
 
     def _on_puback(self, packet: PubAck) -> None:
-        for message in self.window.acknowledge(packet.packet_id):
-            self._send(message)
+        session = self.session
+        if session is not None:
+            for message in session.window.acknowledge(packet.packet_id, time.monotonic()):
+                self.send(message)
 
     def _on_pubrec(self, packet: PubRec) -> None:
-        # We never send QoS 2 yet (MAX_GRANTED_QOS), so a PUBREC names no message of ours.
-        self._write(encode(PubRel(packet.packet_id, RC_PACKET_ID_NOT_FOUND if self.level == MQTT_5 else 0), self.level))
+        session = self.session
+        if session is None:
+            return
+        packet_id = packet.packet_id
+        if packet.reason_code >= 0x80:
+            # MQTT 5: the client refused the message; the QoS 2 flow ends with this PUBREC.
+            for message in session.window.complete(packet_id, time.monotonic()):
+                self.send(message)
+        elif session.window.pubrec(packet_id):
+            self._write(bytes((0x62, 2)) + packet_id.to_bytes(2, "big"))  # PUBREL
+        else:
+            reason = RC_PACKET_ID_NOT_FOUND if self.level == MQTT_5 else 0
+            self._write(encode(PubRel(packet_id, reason), self.level))
 
     def _on_pubrel(self, packet: PubRel) -> None:
-        known = self.inbound_qos2.released(packet.packet_id)
+        session = self.session
+        known = session is not None and session.inbound_qos2.released(packet.packet_id)
         reason = 0 if known or self.level != MQTT_5 else RC_PACKET_ID_NOT_FOUND
         self._write(encode(PubComp(packet.packet_id, reason), self.level))
 
     def _on_pubcomp(self, packet: PubComp) -> None:
-        pass  # see _on_pubrec
+        session = self.session
+        if session is not None:
+            for message in session.window.complete(packet.packet_id, time.monotonic()):
+                self.send(message)
 
     def _on_subscribe(self, packet: Subscribe) -> None:
-        if not self.connected:
+        session = self.session
+        if session is None:
             raise MQTTError(codec.PROTOCOL_ERROR, "SUBSCRIBE before CONNECT")
-        granted: list[tuple[str, int]] = []
+        v5 = self.level == MQTT_5
+        identifier = packet.properties.get("subscription_identifier", 0) if v5 else 0
+        granted: list[tuple[str, SubscriptionOptions, bool]] = []
         codes = []
         for request in packet.subscriptions:
+            filt = request.filter
             try:
-                topics.validate_topic_filter(request.filter)
+                topics.validate_topic_filter(filt)
+                shared = topics.parse_shared(filt)[0] is not None
             except topics.TopicError as exc:
-                log.info("client %s: refused filter %r: %s", self.client_id, request.filter, exc)
-                codes.append(RC_TOPIC_FILTER_INVALID if self.level == MQTT_5 else 0x80)
+                log.info("client %s: refused filter %r: %s", self.client_id, filt, exc)
+                codes.append(RC_TOPIC_FILTER_INVALID if v5 else 0x80)
                 continue
-            qos = min(request.qos, MAX_GRANTED_QOS)
-            codes.append(qos)
-            granted.append((request.filter, qos))
+            if shared and request.no_local:
+                raise MQTTError(codec.PROTOCOL_ERROR, f"no local on shared subscription {filt!r}")
+            if self.acl is not None and not self.acl.authorize(self.username, self.client_id, filt, "subscribe"):
+                log.info("client %s: ACL denies subscribing to %s", self.client_id, filt)
+                codes.append(RC_NOT_AUTHORIZED if v5 else 0x80)
+                continue
+            options = SubscriptionOptions(
+                min(request.qos, MAX_GRANTED_QOS), request.no_local, request.retain_as_published,
+                request.retain_handling if v5 else 0, identifier,
+            )
+            codes.append(options.qos)
+            # Retained messages: always at 3.1.1 and with retain handling 0, only for a new
+            # subscription with 1, never with 2 (section 3.3.1.3).
+            existed = filt in session.subscriptions
+            replay = options.retain_handling == 0 or (options.retain_handling == 1 and not existed)
+            granted.append((filt, options, replay))
         self._write(encode(codec.SubAck(packet.packet_id, codes), self.level))
-        for filt, qos in granted:  # after SUBACK, so retained messages follow it
-            self.node.add_subscription(self, filt, qos)
+        for filt, options, replay in granted:  # after SUBACK, so retained messages follow it
+            session.subscribe(filt, options, replay)
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
-        if not self.connected:
+        session = self.session
+        if session is None:
             raise MQTTError(codec.PROTOCOL_ERROR, "UNSUBSCRIBE before CONNECT")
-        codes = [0 if self.node.remove_subscription(self, f) else RC_NO_SUBSCRIPTION for f in packet.filters]
+        codes = [0 if session.unsubscribe(f) else RC_NO_SUBSCRIPTION for f in packet.filters]
         self._write(encode(codec.UnsubAck(packet.packet_id, codes if self.level == MQTT_5 else []), self.level))
 
     def _on_pingreq(self, packet: PingReq) -> None:
         self._write(PINGRESP)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
+        session = self.session
+        if self.level == MQTT_5 and session is not None:
+            expiry = packet.properties.get("session_expiry_interval")
+            if expiry is not None:
+                if not session.expiry and expiry:
+                    raise MQTTError(codec.PROTOCOL_ERROR, "DISCONNECT sets a session expiry after CONNECT set 0")
+                session.expiry = expiry
         if not (self.level == MQTT_5 and packet.reason_code == RC_DISCONNECT_WITH_WILL):
             self.will = None  # a clean DISCONNECT discards the will
         self.closing = True
@@ -311,37 +544,28 @@ class Connection(asyncio.Protocol):
         codec.Auth: _on_auth,
     }
 
-    # ------------------------------------------------------------------ packets out
+    # ------------------------------------------------------------------ packets out (the session's Link)
 
-    def deliver(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        origin: str,
-        properties: dict[str, Any] | None,
-    ) -> None:
-        if not self.connected or self.closing:
+    def publish0(self, topic: str, payload: bytes, retain: bool, properties: dict[str, Any] | None) -> None:
+        """One QoS 0 message; dropped (and counted) when the client cannot keep up."""
+        if self.closing:
             return
-        if qos == 0:
-            assert self.transport is not None
-            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-                self.dropped += 1
-                self.server.dropped_total += 1
-                return
-            props = encode_properties(properties) if properties and self.level == MQTT_5 else b""
-            self._write(encode_publish(topic.encode(), payload, 0, retain, False, None, self.level, props))
+        assert self.transport is not None
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.dropped += 1
+            self.server.dropped_total += 1
             return
-        message = self.window.offer(Outgoing(topic, payload, qos, retain, properties))
-        if message is not None:
-            self._send(message)
-        elif self.window.dropped > self.dropped:
-            self.server.dropped_total += self.window.dropped - self.dropped
-            self.dropped = self.window.dropped
+        level = self.level
+        props = encode_properties(properties) if properties and level == MQTT_5 else b""
+        data = encode_publish(topic.encode(), payload, 0, retain, False, None, level, props)
+        if self.max_out and len(data) > self.max_out:
+            self._too_large(topic, len(data))
+            return
+        self._write(data)
 
-    def deliver_plain(self, topic: str, payloads: list[bytes], origin: str) -> None:
-        if not self.connected or self.closing:
+    def publish_plain(self, topic: str, payloads: list[bytes]) -> None:
+        """Many QoS 0 messages without properties, not retained (a batch from the mesh)."""
+        if self.closing:
             return
         assert self.transport is not None
         if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
@@ -350,17 +574,49 @@ class Connection(asyncio.Protocol):
             return
         encoded_topic, level = topic.encode(), self.level
         write = self._write
+        if not self.max_out:
+            for payload in payloads:
+                write(encode_publish(encoded_topic, payload, 0, False, False, None, level, b""))
+            return
         for payload in payloads:
-            write(encode_publish(encoded_topic, payload, 0, False, False, None, level, b""))
+            data = encode_publish(encoded_topic, payload, 0, False, False, None, level, b"")
+            if len(data) > self.max_out:
+                self._too_large(topic, len(data))
+            else:
+                write(data)
 
-    def _send(self, message: Outgoing) -> None:
-        props = encode_properties(message.properties) if message.properties and self.level == MQTT_5 else b""
-        self._write(
-            encode_publish(
-                message.topic.encode(), message.payload, message.qos, message.retain, False,
-                message.packet_id, self.level, props,
-            )
+    def send(self, message: Outgoing) -> None:
+        """A QoS 1 or 2 message admitted to the in-flight window (DUP if sent before)."""
+        level = self.level
+        properties = message.properties
+        props = b""
+        if properties and level == MQTT_5:
+            if message.expires_at:
+                properties = remaining_expiry(properties, message.expires_at, time.monotonic())
+            props = encode_properties(properties)
+        data = encode_publish(
+            message.topic.encode(), message.payload, message.qos, message.retain, message.sent,
+            message.packet_id, level, props,
         )
+        message.sent = True
+        if self.max_out and len(data) > self.max_out:
+            # Section 3.1.2.11.4: not sent, and treated as if delivered.
+            self._too_large(message.topic, len(data))
+            session = self.session
+            if session is not None:
+                window = session.window
+                now = time.monotonic()
+                pid = message.packet_id
+                for released in window.acknowledge(pid, now) if message.qos == 1 else window.complete(pid, now):
+                    self.send(released)
+            return
+        self._write(data)
+
+    def _too_large(self, topic: str, size: int) -> None:
+        self.dropped += 1
+        self.server.dropped_total += 1
+        log.debug("client %s: %d-byte message on %s exceeds its maximum packet size %d: not sent",
+                  self.client_id, size, topic, self.max_out)
 
     def _write(self, data: bytes) -> None:
         self._out.append(data)
@@ -394,7 +650,7 @@ class Connection(asyncio.Protocol):
             elif self.decoder.protocol_level == MQTT_5:
                 self._write(encode(codec.ConnAck(False, reason_code), MQTT_5))
         elif self.level == MQTT_5:
-            self._write(encode(Disconnect(reason_code), MQTT_5))
+            self._write(encode(Disconnect(reason_code, {"reason_string": why[:200]}), MQTT_5))
         self._close()
 
     def _close(self) -> None:
@@ -404,12 +660,17 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def take_over(self) -> None:
-        """Another connection claimed our client id: MQTT says this one goes."""
+        """Another connection claimed our client id: MQTT says this one goes. The session
+        is detached now (the new connection takes it, or a clean start ends it)."""
         log.info("client %s: session taken over by a new connection", self.client_id)
         if self.level == MQTT_5:
             self._write(encode(Disconnect(RC_SESSION_TAKEN_OVER), MQTT_5))
-        self.server.sessions.pop(self.client_id, None)
+        session, self.session = self.session, None
+        will, self.will = self.will, None
+        self.connected = False
         self._close()
+        if session is not None:
+            self.server.sessions.disconnected(session, will)
 
     def expire_keepalive(self) -> None:
         log.info("client %s (%s): keepalive expired", self.client_id or "-", self.peer)
@@ -419,34 +680,61 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()  # a silent peer may never read what we write
 
-    def _publish_will(self, will: codec.Will) -> None:
-        try:
-            self.node.publish_nowait(will.topic, will.payload, will.qos, will.retain, will.properties or None)
-        except topics.TopicError as exc:
-            log.warning("client %s: will not published: %s", self.client_id, exc)
-
 
 class MQTTServer:
     def __init__(self, node: Node, config: MqttConfig) -> None:
         self.node = node
         self.config = config
         self.connections: set[Connection] = set()
-        self.sessions: dict[str, Connection] = {}
-        self.address: tuple[str, int] | None = None
+        # Sessions by client id; they outlive connections (zmesh.mqtt.sessions).
+        self.sessions = SessionStore(self, asyncio.get_running_loop().call_later, self._publish_will)
+        self.publishing: Session | None = None  # whose PUBLISH is being routed (MQTT 5 no local)
+        self.refused_logins_total = 0
+        self.address: tuple[str, int] | None = None  # the first listener's, as bound
+        self.addresses: list[tuple[str, int]] = []  # every listener's, in config.all_listeners order
         self.dropped_total = 0
         self.protocol_errors_total = 0
-        self._server: asyncio.Server | None = None
+        self._listeners: ListenerSet | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
 
+    def _publish_will(self, session: Session, will: codec.Will) -> None:
+        """Publish a will, to this node's subscribers and the whole mesh. Like Mosquitto,
+        the write ACL decides at this moment, for the user the session had."""
+        if self.node.mqtt_server is not self:
+            return  # the node has stopped (a timer that outlived it)
+        topic = will.topic
+        if topic.startswith("$SYS") or (
+            session.auth is not None and not session.auth.authorize(session.username, session.client_id, topic, "write")
+        ):
+            log.info("client %s: will to %s not published: not authorized", session.client_id, topic)
+            return
+        properties = will.properties
+        if properties and "will_delay_interval" in properties:  # not a PUBLISH property
+            properties = {k: v for k, v in properties.items() if k != "will_delay_interval"}
+        log.info("client %s: publishing its will to %s", session.client_id, topic)
+        try:
+            durable = self.node.publish_nowait(topic, will.payload, will.qos, will.retain, properties or None)
+        except topics.TopicError as exc:
+            log.warning("client %s: will not published: %s", session.client_id, exc)
+            return
+        if durable is not None:  # nobody awaits a will's disk write: only collect its outcome
+            durable.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def start(self) -> None:
-        assert self.config.listen
-        host, port = parse_hostport(self.config.listen)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), host, port, reuse_address=True)
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (sockname[0], sockname[1])
+        """Open every listener (``mqtt.listen``, then ``[[mqtt.listeners]]``); a listener
+        that cannot start raises ``ListenerError`` (a ValueError) naming its config key."""
+        listeners = self.config.all_listeners
+        assert listeners, "no MQTT listener configured"
+        self._listeners = ListenerSet(lambda: Connection(self), self.node.config.source)
+        await self._listeners.open(listeners)
+        self.addresses = self._listeners.addresses
+        self.address = self.addresses[0]
         self._keepalive_task = asyncio.create_task(self._enforce_keepalive(), name="mqtt-keepalive")
-        log.info("MQTT listening on %s:%d", *self.address)
+
+    @property
+    def listeners(self) -> list[BoundListener]:
+        """The open listeners: each one's config and bound address."""
+        return self._listeners.bound if self._listeners is not None else []
 
     async def _enforce_keepalive(self) -> None:
         while True:
@@ -459,12 +747,13 @@ class MQTTServer:
     async def stop(self) -> None:
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self._listeners is not None:
+            self._listeners.stop_accepting()
         for connection in list(self.connections):
             connection.will = None  # a node shutting down is not the client's failure
             if connection.connected and connection.level == MQTT_5:
                 connection._write(encode(Disconnect(RC_SERVER_SHUTTING_DOWN), MQTT_5))
             connection._close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._listeners is not None:
+            self._listeners.close()  # end the WebSocket sockets still waiting for the client's Close
+            await self._listeners.wait_closed()

@@ -1,19 +1,36 @@
-"""Per-client protocol state that outlives single packets. Pure: no I/O.
+"""Per-client protocol state that outlives single packets. Pure: no I/O, time comes as ``now``.
 
-``OutboundWindow`` holds QoS >= 1 messages on their way to a client: at most
-``max_inflight`` unacknowledged (MQTT 5's Receive Maximum, Mosquitto's
-max_inflight_messages), further ones queued up to ``max_queued``, and beyond that dropped
-and counted (Mosquitto's max_queued_messages), so a slow client costs bounded memory.
+``OutboundWindow`` holds QoS 1 and 2 messages on their way to a client: at most
+``max_inflight`` unacknowledged (Mosquitto's max_inflight_messages, lowered to the client's
+MQTT 5 Receive Maximum), further ones queued up to ``max_queued`` (Mosquitto's
+max_queued_messages), and beyond that the OLDEST queued message is dropped and counted, so
+a slow or absent client costs bounded memory and gets the freshest data when it returns.
+A QoS 2 message moves from "PUBLISH sent" to "PUBREL sent" on PUBREC and leaves on PUBCOMP.
+While the client is away nothing is sent: messages wait in the queue, and on reconnect the
+unacknowledged ones are sent again (PUBLISH with DUP, or PUBREL) before the queue drains.
 
 ``InboundQoS2`` remembers the packet ids of QoS 2 messages received but not yet released,
 so a retransmitted PUBLISH (DUP) is acknowledged again but not delivered twice.
+
+``TopicAliases`` resolves MQTT 5 topic aliases a client sends us.
+
+``SubscriptionOptions`` and :func:`plan_delivery` decide, for a client whose matching
+subscriptions carry MQTT 5 options (no local, retain as published, identifiers), whether
+and how one message goes to it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from zmesh.mqtt.codec import PROTOCOL_ERROR, TOPIC_ALIAS_INVALID, MQTTError
+
+# MQTT 5 session expiry interval meaning "never expires" (and the 3.1.1 clean session 0).
+NEVER = 0xFFFFFFFF
 
 
 @dataclass(slots=True)
@@ -24,15 +41,26 @@ class Outgoing:
     retain: bool
     properties: dict[str, Any] | None
     packet_id: int = 0
+    # Monotonic deadline from the MQTT 5 message expiry interval; 0.0: never expires.
+    expires_at: float = 0.0
+    # QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited.
+    released: bool = False
+    # Sent at least once on some connection: a resend carries DUP.
+    sent: bool = False
+    # A shared subscription's message (zmesh.shared): called once with True when it is done
+    # with here (acknowledged, or expired), False when dropped undelivered (another member
+    # of the group should get it).
+    settle: Callable[[bool], None] | None = None
 
 
 class OutboundWindow:
     def __init__(self, max_inflight: int, max_queued: int) -> None:
         self.max_inflight = max(1, max_inflight)
         self.max_queued = max_queued
-        self.inflight: dict[int, Outgoing] = {}
+        self.inflight: dict[int, Outgoing] = {}  # insertion order is send order
         self.queue: deque[Outgoing] = deque()
-        self.dropped = 0
+        self.dropped = 0  # queue overflow (oldest first)
+        self.expired = 0  # message expiry passed while queued
         self._next_id = 0
 
     def _allocate(self) -> int:
@@ -43,39 +71,116 @@ class OutboundWindow:
                 return self._next_id
         raise RuntimeError("no free packet id")  # impossible while max_inflight < 65535
 
-    def offer(self, message: Outgoing) -> Outgoing | None:
-        """Accept a message; returns it (with its packet id) if it may be sent now."""
-        if len(self.inflight) < self.max_inflight and not self.queue:
+    def offer(self, message: Outgoing, online: bool = True, now: float = 0.0) -> Outgoing | None:
+        """Accept a message; returns it (with its packet id) if it may be sent now.
+
+        Offline (no connection) nothing is sent: the message waits in the queue."""
+        if online and len(self.inflight) < self.max_inflight and not self.queue:
             message.packet_id = self._allocate()
             self.inflight[message.packet_id] = message
             return message
         if len(self.queue) >= self.max_queued:
             self.dropped += 1
-            return None
+            if not self.queue:  # max_queued 0: nothing may wait, this one goes
+                _settle(message, False)
+                return None
+            _settle(self.queue.popleft(), False)  # the oldest goes: a returning client wants the latest
         self.queue.append(message)
         return None
 
-    def acknowledge(self, packet_id: int) -> list[Outgoing]:
-        """A PUBACK (or PUBCOMP) arrived; returns queued messages that may be sent now.
+    def acknowledge(self, packet_id: int, now: float = 0.0) -> list[Outgoing]:
+        """A PUBACK arrived; returns queued messages that may be sent now.
 
         An unknown id is ignored: the client may ack twice after a retransmission."""
-        if self.inflight.pop(packet_id, None) is None:
+        message = self.inflight.get(packet_id)
+        if message is None or message.qos != 1:
             return []
-        released = []
-        while self.queue and len(self.inflight) < self.max_inflight:
-            message = self.queue.popleft()
+        del self.inflight[packet_id]
+        released = self.fill(now)
+        _settle(message, True)
+        return released
+
+    def pubrec(self, packet_id: int) -> bool:
+        """A PUBREC arrived: the message is the client's now, PUBREL follows. False if the
+        id names no QoS 2 message of ours (the caller answers PUBREL 0x92)."""
+        message = self.inflight.get(packet_id)
+        if message is None or message.qos != 2:
+            return False
+        message.released = True
+        message.payload = b""  # never sent again: free it now
+        message.properties = None
+        return True
+
+    def complete(self, packet_id: int, now: float = 0.0) -> list[Outgoing]:
+        """PUBCOMP (or a PUBREC with a failure reason code, which also ends the flow)."""
+        message = self.inflight.get(packet_id)
+        if message is None or message.qos != 2:
+            return []
+        del self.inflight[packet_id]
+        released = self.fill(now)
+        _settle(message, True)
+        return released
+
+    def fill(self, now: float = 0.0) -> list[Outgoing]:
+        """Move queued messages into free in-flight slots; expired ones are dropped."""
+        released: list[Outgoing] = []
+        queue, inflight = self.queue, self.inflight
+        while queue and len(inflight) < self.max_inflight:
+            message = queue.popleft()
+            if message.expires_at and message.expires_at <= now:
+                self.expired += 1
+                _settle(message, True)  # expired: nobody is to get it any more
+                continue
             message.packet_id = self._allocate()
-            self.inflight[message.packet_id] = message
+            inflight[message.packet_id] = message
             released.append(message)
         return released
 
+    def resume(self, now: float = 0.0) -> list[Outgoing]:
+        """On reconnect: every unacknowledged message again (oldest first; the caller sends
+        PUBLISH with DUP, or PUBREL for released QoS 2), then newly admitted queued ones."""
+        return [*self.inflight.values(), *self.fill(now)]
+
+    def set_max_inflight(self, value: int) -> None:
+        self.max_inflight = max(1, value)
+
     def unacknowledged(self) -> list[Outgoing]:
-        """In-flight messages, oldest first (to resend with DUP after a reconnect)."""
+        """In-flight messages, oldest first."""
         return list(self.inflight.values())
+
+    def retain_only(self, keep: Any) -> int:
+        """Drop queued messages for which ``keep(message)`` is false; returns how many."""
+        before = len(self.queue)
+        kept: deque[Outgoing] = deque()
+        for message in self.queue:
+            if keep(message):
+                kept.append(message)
+            else:
+                _settle(message, False)
+        self.queue = kept
+        return before - len(self.queue)
+
+    def __len__(self) -> int:
+        return len(self.inflight) + len(self.queue)
+
+
+def _settle(message: Outgoing, kept: bool) -> None:
+    if message.settle is not None:
+        settle, message.settle = message.settle, None
+        settle(kept)
+
+
+def remaining_expiry(properties: dict[str, Any], expires_at: float, now: float) -> dict[str, Any]:
+    """``properties`` with the message expiry interval the receiver must see: what is left of
+    it (MQTT 5 section 3.3.2.3.3), rounded up so that a live message never reads 0."""
+    left = max(1, math.ceil(expires_at - now))
+    if properties.get("message_expiry_interval") == left:
+        return properties
+    return {**properties, "message_expiry_interval": left}
 
 
 class InboundQoS2:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int = 65535) -> None:
         self.limit = limit
         self.pending: set[int] = set()
 
@@ -87,7 +192,7 @@ class InboundQoS2:
         return True
 
     def full(self) -> bool:
-        return len(self.pending) >= self.limit
+        return len(self.pending) > self.limit
 
     def released(self, packet_id: int) -> bool:
         """PUBREL: forget the id; False if it was unknown."""
@@ -95,3 +200,72 @@ class InboundQoS2:
             self.pending.discard(packet_id)
             return True
         return False
+
+
+class TopicAliases:
+    """Inbound MQTT 5 topic aliases (section 3.3.2.3.4): a PUBLISH with a topic and an alias
+    sets it; one with an empty topic and an alias uses it."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.topics: dict[int, str] = {}
+
+    def resolve(self, topic: str, alias: int | None) -> str:
+        if alias is None:
+            if not topic:
+                raise MQTTError(PROTOCOL_ERROR, "PUBLISH with an empty topic and no topic alias")
+            return topic
+        if not 0 < alias <= self.maximum:
+            raise MQTTError(TOPIC_ALIAS_INVALID, f"topic alias {alias} outside 1..{self.maximum}")
+        if topic:
+            self.topics[alias] = topic
+            return topic
+        known = self.topics.get(alias)
+        if known is None:
+            raise MQTTError(PROTOCOL_ERROR, f"topic alias {alias} used before it was set")
+        return known
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """What one SUBSCRIBE asked for one filter (MQTT 5 section 3.8.3.1)."""
+
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    identifier: int = 0  # subscription identifier; 0: none
+
+    @property
+    def plain(self) -> bool:
+        """Nothing beyond the QoS: the router's answer alone decides delivery."""
+        return not (self.no_local or self.retain_as_published or self.identifier)
+
+
+def plan_delivery(
+    matching: list[SubscriptionOptions], own: bool, replay: bool, live_retained: bool, qos: int
+) -> tuple[int, bool, list[int]] | None:
+    """How one message goes to a client whose ``matching`` subscriptions cover its topic.
+
+    ``own``: the client itself published it (no local excludes those subscriptions);
+    ``replay``: a retained message sent because of a subscribe (the retain flag is set);
+    ``live_retained``: a live message that was published with the retain flag (kept only
+    for subscriptions with retain as published); ``qos``: the message's QoS.
+    Returns (QoS, retain flag, subscription identifiers) or None when no subscription
+    takes it. One copy goes out, at the highest QoS granted, with every identifier
+    (section 3.3.4 allows this for overlapping subscriptions)."""
+    granted = -1
+    retain = replay
+    identifiers: list[int] = []
+    for options in matching:
+        if own and options.no_local:
+            continue
+        if options.qos > granted:
+            granted = options.qos
+        if live_retained and options.retain_as_published:
+            retain = True
+        if options.identifier:
+            identifiers.append(options.identifier)
+    if granted < 0:
+        return None
+    return (qos if qos < granted else granted), retain, sorted(identifiers)
