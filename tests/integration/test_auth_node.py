@@ -149,3 +149,54 @@ def test_acl_check_with_a_config_and_a_bad_file(tmp_path: Path) -> None:
     result = zmesh_cli("acl", "check", "alice", "a", "write", "--config", str(no_acl))
     assert result.returncode == 0 and "sets no mqtt.acl_file" in result.stdout
 
+
+
+# ---------------------------------------------------------------------------- read at delivery
+
+
+def _retained_seen(client: Client, fence_topic: str) -> list[tuple[str, bytes, bool]]:
+    """What ``client`` got until the fence on ``fence_topic`` (a live message behind the
+    retained replay, so nothing held back can still be on its way)."""
+    seen = []
+    while (message := client.messages.get(timeout=10)).topic != fence_topic or message.payload != b"fence":
+        seen.append((message.topic, message.payload, bool(message.retain)))
+    return seen
+
+
+def test_retained_replay_and_live_delivery_follow_the_read_acl_including_after_a_reload(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    certs = make_certs(tmp_path / "certs", ["a"])
+    config = node_config(tmp_path, "user alice\ntopic readwrite a/#\nuser bob\ntopic read a/public\n")
+    (tmp_path / "passwd").write_text(f"alice:{hash_password(b'a1')}\nbob:{hash_password(b'b1')}\n")
+    node = NodeProcess(tmp_path, "a", certs, extra=["--config", str(config)])
+    nodes.append(node)
+    alice = Client(node.mqtt_port, "alice", "a1")
+    bob = Client(node.mqtt_port, "bob", "b1")
+    late = Client(node.mqtt_port, "bob", "b1")
+    try:
+        assert not alice.connect().is_failure
+        alice.publish("a/public", b"p", retain=True)
+        alice.publish("a/secret", b"s", retain=True)
+
+        assert not bob.connect().is_failure
+        bob.subscribe("a/#")  # Mosquitto grants it; every message is checked for read
+        alice.publish("a/public", b"fence")
+        assert _retained_seen(bob, "a/public") == [("a/public", b"p", True)]
+
+        (tmp_path / "acl").write_text("user alice\ntopic readwrite a/#\nuser bob\ntopic read a/#\n")
+        assert zmesh_cli("node", "reload", "--config", str(config)).returncode == 0
+        wait_until(lambda: "users and ACLs reloaded" in node.output(), 10, "the reload")
+
+        # The connected client's live delivery follows the new rules...
+        alice.publish("a/secret", b"live")
+        message = bob.messages.get(timeout=10)
+        assert (message.topic, message.payload) == ("a/secret", b"live")
+        # ...and so does retained replay: a new subscription now gets both values.
+        assert not late.connect().is_failure
+        late.subscribe("a/#")
+        alice.publish("a/public", b"fence")
+        assert sorted(_retained_seen(late, "a/public")) == [("a/public", b"p", True), ("a/secret", b"s", True)]
+    finally:
+        for client in (alice, bob, late):
+            client.close()

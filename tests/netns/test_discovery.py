@@ -486,7 +486,7 @@ def test_doctor_inside_a_namespace(net: Net, mesh: Mesh, tmp_path: Path, etc_net
     out = good.stdout
     assert good.returncode == 0, out + good.stderr
     assert f"ok    mesh control {hx.ip}:7100: can bind" in out, out
-    assert f"ok    MQTT {hx.ip}:1883: can bind" in out, out
+    assert f"ok    MQTT mqtt.listen (mqtt) {hx.ip}:1883: can bind" in out, out
     assert f"ok    mDNS: multicast works on eth0 ({hx.ip}/24)" in out, out
     assert f"ok    DNS: seeds.test resolves to {hs.ip}" in out, out
     assert f"ok    seed {hs.ip}:7100: node s, trusted key s" in out, out
