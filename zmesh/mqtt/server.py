@@ -49,6 +49,7 @@ from zmesh.mqtt.sessions import ACL_CACHE_LIMIT, Session, SessionStore
 if TYPE_CHECKING:
     from zmesh.node import Node
 
+LONE_WRITE_GAP = 0.0005  # s of quiet after which a packet is written at once (see _write)
 log = logging.getLogger("zmesh.mqtt")
 
 CONNECT_TIMEOUT = 10.0  # a socket that never sends CONNECT is closed after this
@@ -110,6 +111,7 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._held_acks: deque[tuple[asyncio.Future[None] | None, bytes, int, int]] = deque()
         self._flush_scheduled = False
+        self._last_write = 0.0  # monotonic time of the last transport write (see _write)
         # Packets that arrived while the CONNECT's password was checked in a thread.
         self._backlog: list[codec.Packet] | None = None
         self._backlog_error: MQTTError | None = None
@@ -619,13 +621,24 @@ class Connection(asyncio.Protocol):
                   self.client_id, size, topic, self.max_out)
 
     def _write(self, data: bytes) -> None:
-        self._out.append(data)
+        # Packets written in one event-loop turn leave in one transport write (what
+        # throughput needs), except a lone one: after LONE_WRITE_GAP of quiet a packet goes
+        # out at once, since waiting a turn to coalesce only adds latency to it. Nothing is
+        # queued in _out while no flush is scheduled, so writing directly keeps the order.
         if not self._flush_scheduled:
+            now = time.monotonic()
+            transport = self.transport
+            if now - self._last_write > LONE_WRITE_GAP and transport is not None and not transport.is_closing():
+                self._last_write = now
+                transport.write(data)
+                return
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_out)
+        self._out.append(data)
 
     def _flush_out(self) -> None:
         self._flush_scheduled = False
+        self._last_write = time.monotonic()
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
