@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from zmesh.config import ListenerConfig
-from zmesh.mqtt.wrapped import WrappedTransport
+from zmesh.mqtt.wrapped import LayerProtocol, WrappedTransport
 from zmesh.secretfile import read_secret_file
 
 log = logging.getLogger("zmesh.mqtt")
@@ -159,7 +159,7 @@ class TlsTransport(WrappedTransport):
             self._adapter.close_tls()
 
 
-class TlsAdapter(asyncio.Protocol):
+class TlsAdapter(LayerProtocol):
     """The server side of TLS on one accepted socket, over ``ssl.MemoryBIO`` (sans-I/O).
 
     Not ``loop.start_tls``: asyncio's own path drops a failed handshake without a word
@@ -219,24 +219,10 @@ class TlsAdapter(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
         self._live.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._cancel_timer():
             log.debug("%s: client %s closed the connection during the TLS handshake",
                       self.listener.describe(), self._peer)
-        if self._transport is not None:
-            self._transport.mark_closing()
-        if self._inner is not None:
-            inner, self._inner = self._inner, None
-            inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
+        self._end_inner(exc)
 
     # ------------------------------------------------------------------ TLS
 

@@ -34,7 +34,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from zmesh.mqtt.wrapped import WrappedTransport
+from zmesh.mqtt.wrapped import LayerProtocol, WrappedTransport
 
 log = logging.getLogger("zmesh.mqtt")
 
@@ -59,7 +59,7 @@ class WebSocketTransport(WrappedTransport):
             self._adapter.close_websocket(CloseReason.NORMAL_CLOSURE)
 
 
-class WebSocketAdapter(asyncio.Protocol):
+class WebSocketAdapter(LayerProtocol):
     """The protocol of one WebSocket listener socket: upgrade, then unwrap into ``make_inner()``."""
 
     def __init__(
@@ -126,22 +126,8 @@ class WebSocketAdapter(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._live.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._transport is not None:
-            self._transport.mark_closing()
-        if self._inner is not None:
-            inner, self._inner = self._inner, None
-            inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
+        self._cancel_timer()
+        self._end_inner(exc)
 
     # ------------------------------------------------------------------ the upgrade
 

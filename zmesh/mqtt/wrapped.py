@@ -72,3 +72,37 @@ class WrappedTransport(asyncio.Transport):
     def get_protocol(self) -> asyncio.BaseProtocol:
         assert self._protocol is not None
         return self._protocol
+
+
+class LayerProtocol(asyncio.Protocol):
+    """The socket-side protocol of a layer (TLS, WebSocket): what it hands down to the
+    protocol inside (``_inner``, through the layer's ``_transport``) is the same for every
+    layer: flow control, and the end of the connection exactly once."""
+
+    _inner: asyncio.Protocol | None
+    _transport: WrappedTransport | None
+    _timer: asyncio.TimerHandle | None
+
+    def _cancel_timer(self) -> bool:
+        """Stop the setup timer (handshake, upgrade); True if one was still running."""
+        if self._timer is None:
+            return False
+        self._timer.cancel()
+        self._timer = None
+        return True
+
+    def _end_inner(self, exc: Exception | None) -> None:
+        """The socket is gone: the layer's transport stops writing, the inner protocol hears it once."""
+        if self._transport is not None:
+            self._transport.mark_closing()
+        if self._inner is not None:
+            inner, self._inner = self._inner, None
+            inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
