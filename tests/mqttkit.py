@@ -298,29 +298,6 @@ class MosquittoSub:
         return err
 
 
-def await_route(publisher: Client, subscriber: Client, topic: str, timeout: float = 10) -> None:
-    """Publish QoS 0 probes on ``topic`` until ``subscriber`` (on another node) gets one,
-    then a fence; every probe is drained. A new subscription reaches the publishing node
-    asynchronously, so a test proves the route before it counts messages."""
-    deadline = time.monotonic() + timeout
-    arrived = False
-    while not arrived:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no route for {topic} within {timeout} s")
-        publisher.publish(topic, b"probe", qos=0)
-        probe_deadline = min(time.monotonic() + 0.2, deadline)
-        while not arrived and (remaining := probe_deadline - time.monotonic()) > 0:
-            try:
-                message = subscriber.get(timeout=remaining)
-            except queue.Empty:
-                break
-            arrived = message.topic == topic and message.payload == b"probe"
-    fence = f"fence-{uuid.uuid4().hex}".encode()
-    publisher.publish(topic, fence, qos=1)
-    while subscriber.get(timeout=timeout).payload != fence:
-        pass
-
-
 def two_nodes(workdir: Any, extra: list[str] | None = None) -> list[Any]:
     """Nodes a and b in a mesh (started side by side), each seeing the other."""
     from tests.helpers import NodeProcess, make_certs, start_nodes, wait_until

@@ -18,8 +18,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.helpers import RawMQTT, _str16, packet, stop_all
-from tests.mqttkit import Client, await_route, connect_v5, publish_v5, subscribe_v5, two_nodes
+from tests.helpers import RawMQTT, _str16, await_route, packet, stop_all
+from tests.mqttkit import Client, connect_v5, publish_v5, subscribe_v5, two_nodes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,12 +9,11 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.helpers import RawMQTT, connect_packet, stop_all
+from tests.helpers import RawMQTT, await_route, connect_packet, stop_all
 from tests.mqttkit import (
     Client,
     MosquittoSub,
     ack,
-    await_route,
     connect_v5,
     mosquitto_pub,
     needs_mosquitto_clients,
