@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.pubsub import run_zmesh
+
 HEADER = struct.Struct("<IIQ")
 TS = struct.Struct("<Q")
 WARM_EVERY_S = 0.005
@@ -614,7 +616,7 @@ def zenoh_requester(args: dict[str, Any]) -> None:
 
 ROLES = {
     "paho-pub": paho_pub, "paho-sub": paho_sub,
-    "zmesh-pub": lambda a: asyncio.run(_zmesh_pub(a)), "zmesh-sub": lambda a: asyncio.run(_zmesh_sub(a)),
+    "zmesh-pub": lambda a: run_zmesh(_zmesh_pub(a)), "zmesh-sub": lambda a: run_zmesh(_zmesh_sub(a)),
     "raw-pub": raw_pub, "raw-sub": raw_sub, "zenoh-pub": zenoh_pub, "zenoh-sub": zenoh_sub,
     "paho-requester": paho_requester, "paho-responder": paho_responder,
     "zenoh-queryable": zenoh_queryable, "zenoh-requester": zenoh_requester,

@@ -129,7 +129,7 @@ class Proc:
             stdout=subprocess.PIPE if pipe else self._log,
             stderr=self._log,
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **(env or {})},
         )
         self.pid = self.process.pid
         if pipe:
@@ -315,6 +315,15 @@ def fmt(value: Any, spec: str = ",.0f") -> str:
     return format(value, spec)
 
 
+def _event_loop() -> str:
+    """The loop zmesh's nodes and embedded clients run on in this run (zmesh.eventloop)."""
+    try:
+        from zmesh import eventloop
+    except ImportError:  # a zmesh from before zmesh.eventloop
+        return "asyncio"
+    return eventloop.describe()
+
+
 def versions() -> dict[str, Any]:
     import msgpack
     import zmq
@@ -322,6 +331,7 @@ def versions() -> dict[str, Any]:
     out: dict[str, Any] = {
         "python": platform.python_version(), "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
         "msgpack": ".".join(map(str, msgpack.version)),
+        "zmesh_event_loop": _event_loop(),
     }
     for mod, key in (("paho.mqtt", "paho-mqtt"), ("amqtt", "amqtt"), ("matplotlib", "matplotlib")):
         try:
@@ -360,6 +370,7 @@ def conditions_line(c: dict[str, Any]) -> str:
     return (f"{c['cpu_model']}, {c['cores']} cores, Python {c['python']}, pyzmq {c['pyzmq']} "
             f"(libzmq {c['libzmq']}), paho-mqtt {c.get('paho-mqtt')}, Mosquitto {c.get('mosquitto')}, "
             f"amqtt {c.get('amqtt')}, eclipse-zenoh {c.get('eclipse-zenoh')}; zmesh {c['zmesh_commit']}"
+            + f" on {c.get('zmesh_event_loop', 'asyncio')}"
             + (" + uncommitted zmesh/ changes" if c.get("zmesh_dirty_files") else "")
             + f"; load at start {c['loadavg_at_start'][0]}")
 

@@ -55,7 +55,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks.pubsub import _cpu_jiffies, _cpu_model, _git, guarded_child
+from benchmarks.pubsub import _cpu_jiffies, _cpu_model, _git, guarded_child, run_zmesh
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -86,7 +86,7 @@ def child_main(system: str, role: str, index: int, conn: Connection, certs: str,
                         format=f"%(asctime)s {system}/{role}{index} %(levelname)s %(name)s: %(message)s")
     def body() -> None:
         if system.startswith("zmesh"):
-            asyncio.run(_zmesh_child(role, index, conn, Path(certs), args))
+            run_zmesh(_zmesh_child(role, index, conn, Path(certs), args))
         else:
             _raw_child(role, index, conn, Path(certs), args)
 

@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,15 @@ def guarded_child(conn: Connection, profile_name: str, body: Callable[[], None])
             profiler.dump_stats(os.path.join(profile_dir, f"{profile_name}.prof"))
 
 
+def run_zmesh(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run an embedded zmesh client on the loop a node uses (zmesh.eventloop)."""
+    try:
+        from zmesh.eventloop import run
+    except ImportError:  # --zmesh-rev older than zmesh.eventloop
+        return asyncio.run(main)
+    return run(main)
+
+
 def child_main(
     system: str,
     role: str,
@@ -150,7 +159,7 @@ def child_main(
     )
     def body() -> None:
         if system == "zmesh":
-            asyncio.run(_zmesh_child(role, conn, Path(certs)))
+            run_zmesh(_zmesh_child(role, conn, Path(certs)))
         else:
             _raw_child(system, role, conn, Path(certs), hwm)
 

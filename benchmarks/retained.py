@@ -58,6 +58,8 @@ RESULTS = HERE / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.pubsub import run_zmesh  # noqa: E402 (after the path fix above)
+
 PAYLOAD_BYTES = 64
 SYNC_BUDGET_S = 2.0
 N_FULL, N_QUICK = 100_000, 20_000
@@ -584,10 +586,10 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true", help="print only, write no result files")
     args = parser.parse_args()
     if args.command == "_holder":
-        asyncio.run(_holder(args.certs, args.n, args.ready_file))
+        run_zmesh(_holder(args.certs, args.n, args.ready_file))
         return
     if args.command == "_api":
-        asyncio.run(_api_writer(args.config, args.n, args.n_sequential, args.ready_file))
+        run_zmesh(_api_writer(args.config, args.n, args.n_sequential, args.ready_file))
         return
 
     result = run(args.quick)

@@ -14,10 +14,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, NoReturn
 
+from zmesh import eventloop
 from zmesh.certs import CertError
 from zmesh.config import NodeConfig
 from zmesh.node import Node
@@ -38,6 +38,7 @@ async def run(config: NodeConfig, ready_file: str | None = None) -> None:
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log.debug("event loop: %s", type(loop).__module__.split(".")[0])
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
@@ -114,24 +115,6 @@ def exec_node(config_file: Path | None, overrides: dict[str, Any], ready_file: s
     os.execv(sys.executable, [sys.executable, "-m", "zmesh.daemon", *sys.argv[1:]])
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run the node on uvloop where it is installed (the default on Linux), else asyncio's
-    own loop. uvloop's transports and loop turns cost a fraction of the selector loop's,
-    which is most of the per-message cost of the MQTT listener and of a lone message's
-    latency. ZMESH_EVENT_LOOP=asyncio forces the standard loop (to compare, or to debug)."""
-    choice = os.environ.get("ZMESH_EVENT_LOOP", "auto")
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
 def main() -> int:
     """Run the node ``exec_node`` described; errors as the CLI reports them."""
     import zmq
@@ -152,7 +135,7 @@ def main() -> int:
         return 2
     setup_logging(config.log.level)
     try:
-        run_loop(run(config, args["ready_file"]))
+        eventloop.run(run(config, args["ready_file"]))
     except (CertError, KeyFileError, StoreError, ValueError, OSError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
