@@ -135,12 +135,20 @@ def pub_driver(send: Any, phases: list[dict[str, Any]], *, drain: Any = None, pu
             interval = 1_000_000_000 // phase["rate"]
             start = now_ns() + 1_000_000
             for seq in range(n):
-                delay = start + seq * interval - now_ns()
+                deadline = start + seq * interval
+                if pump:
+                    # Client housekeeping (acks in, keepalive) half an interval after the
+                    # previous send, not right after it: there it took a core from the
+                    # message still in flight, and the longer the server's path (more
+                    # processes and threads to wake), the more that skewed its latency.
+                    delay = deadline - interval // 2 - now_ns()
+                    if delay > 0:
+                        time.sleep(delay / 1e9)
+                    pump()
+                delay = deadline - now_ns()
                 if delay > 0:
                     time.sleep(delay / 1e9)
                 send(pack(run, seq, now_ns()) + pad)
-                if pump:
-                    pump()
         send_s = time.perf_counter() - t0
         if drain:
             drain()
