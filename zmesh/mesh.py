@@ -52,6 +52,7 @@ CONGESTION_DELAY = 0.01
 # Plain ints: pyzmq's enum members cost ~2 us per call in `&` and flag handling.
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 BYE_LINGER_MS = 200
+RETAINED_GRACE = 0.25  # seconds a hello's retained sequence may run ahead of the frames seen
 QUIET_GAP = 0.0005  # seconds without a flush after which a publish is sent at once
 _clock = time.perf_counter
 SYNC_TIMEOUT = 10.0  # a sync unanswered this long is asked again
@@ -81,7 +82,7 @@ class _Link:
     """Our sockets towards one peer, and how far we have its retained state."""
 
     __slots__ = ("peer", "dealer", "reader", "sub", "sub_reader", "push", "tasks", "last_hello",
-                 "synced_upto", "max_seen", "sync_pending", "last_sync")
+                 "synced_upto", "max_seen", "sync_pending", "last_sync", "announced_seq", "announced_at")
 
     def __init__(self, peer: Peer, dealer: zmq.asyncio.Socket) -> None:
         self.peer = peer
@@ -101,6 +102,10 @@ class _Link:
         self.max_seen: int | None = None  # highest retained frame seen live since then
         self.sync_pending = False
         self.last_sync = 0.0
+        # The peer's retained sequence from a hello that was ahead of `synced_upto`; if we
+        # are still behind it at the next hello, its frame was lost, not late.
+        self.announced_seq: int | None = None
+        self.announced_at = 0.0
 
 
 class Mesh:
@@ -299,6 +304,7 @@ class Mesh:
             host=self.advertise_host,
             peers=known,
             queues=tuple(sorted(self.local_queues.items())),
+            retained_seq=self.retained_seq,
         )
 
     async def _probe(self, host: str, port: int) -> None:
@@ -389,6 +395,9 @@ class Mesh:
     def _observe(self, key: str, hello: wire.Hello) -> None:
         for event in self.membership.observe(key, hello, time.monotonic()):
             self._apply(event)
+        link = self.links.get(key)
+        if link is not None and link.sub is not None:
+            self._check_retained_seq(link, hello.retained_seq)
         if self.on_hello is not None:
             self.on_hello(key, hello)
         for peer_key, host, port in hello.peers:
@@ -706,6 +715,28 @@ class Mesh:
             link.sync_pending = True
             link.last_sync = time.monotonic()
             self.stats["syncs_requested"] += 1
+
+    def _check_retained_seq(self, link: _Link, announced: int) -> None:
+        """A hello said the peer has sent retained frames up to ``announced``. Frames lost
+        while our SUB was still connecting (PUB drops them) leave no gap until the peer's
+        next retained write, which may never come: a value written just as we joined would
+        stay missing until anti-entropy. A later hello, RETAINED_GRACE on, is the proof: a
+        frame still in flight has arrived by then (a needless resync would cost only a
+        digest exchange)."""
+        synced = link.synced_upto
+        if synced is None or link.sync_pending or announced <= synced:
+            link.announced_seq = None
+            return
+        now = time.monotonic()
+        earlier = link.announced_seq
+        if earlier is not None and earlier > synced:  # still waiting for an earlier one
+            if now - link.announced_at >= RETAINED_GRACE:
+                self.stats["retained_gaps"] += 1
+                log.info("retained frames up to %d from %s never arrived: resyncing", earlier, link.peer.label)
+                link.announced_seq = None
+                self.request_sync(link)
+            return
+        link.announced_seq, link.announced_at = announced, now
 
     def _on_retained_frame(self, link: _Link, frame: bytes) -> None:
         topic, items, seq = wire.decode_retained_frame(frame)

@@ -204,6 +204,9 @@ class Hello:
     peers: tuple[tuple[str, str, int], ...] = field(default_factory=tuple)
     # (queue name, prefetch) of the work queues this node has workers for
     queues: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    # Sequence number of the last retained frame this node has sent: a peer that has not
+    # seen it by the next hello missed it (PUB drops frames for a SUB still connecting).
+    retained_seq: int = 0
 
 
 HELLO = "hello"
@@ -239,6 +242,7 @@ def encode_control(kind: str, hello: Hello | None = None, reason: str = "") -> b
             h=hello.host,
             ps=[list(p) for p in hello.peers],
             q=[list(q) for q in hello.queues],
+            rs=hello.retained_seq,
         )
     if reason:
         body["r"] = reason
@@ -315,6 +319,9 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
     name, incarnation = body.get("n"), body.get("i")
     ports: list[Any] = [body.get("pc"), body.get("pp"), body.get("pl")]
     host, peers, queues = body.get("h"), body.get("ps", []), body.get("q", [])
+    retained_seq = body.get("rs", 0)  # absent from older nodes' hellos
+    if type(retained_seq) is not int or retained_seq < 0:
+        raise WireError("hello retained sequence is not a non-negative integer")
     if not isinstance(queues, list) or not all(
         isinstance(q, list) and len(q) == 2 and isinstance(q[0], str) and q[0]
         and type(q[1]) is int and 0 < q[1] < 1_000_000
@@ -347,6 +354,7 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
         host=host,
         peers=tuple((p[0], p[1], p[2]) for p in peers),
         queues=tuple((q[0], q[1]) for q in queues),
+        retained_seq=retained_seq,
     )
 
 

@@ -96,7 +96,7 @@ def test_fuzzed_control_messages_raise_only_wire_error(data: bytes) -> None:
 
 
 @settings(max_examples=200)
-@given(st.dictionaries(st.sampled_from(["t", "v", "n", "i", "pc", "pp", "pl", "h", "ps", "r"]),
+@given(st.dictionaries(st.sampled_from(["t", "v", "n", "i", "pc", "pp", "pl", "h", "ps", "q", "rs", "r"]),
                        st.one_of(st.integers(-5, 70000), st.text(max_size=5), st.none(),
                                  st.lists(st.lists(st.one_of(st.text(max_size=3), st.integers(0, 70000)), max_size=4), max_size=3))))
 def test_structurally_fuzzed_control_maps_raise_only_wire_error(body: dict) -> None:
@@ -111,6 +111,22 @@ def test_hello_round_trip() -> None:
     hello = wire.Hello("a", wire.WIRE_VERSION, 42, 7100, 40000, 40001, None, (("KEY", "10.0.0.2", 7100),))
     message = wire.decode_control(wire.encode_control(wire.HELLO, hello))
     assert (message.kind, message.version, message.hello) == (wire.HELLO, wire.WIRE_VERSION, hello)
+
+
+def test_hello_carries_the_retained_sequence_and_an_older_node_s_hello_reads_as_zero() -> None:
+    hello = wire.Hello("a", wire.WIRE_VERSION, 42, 7100, 40000, 40001, retained_seq=17)
+    decoded = wire.decode_control(wire.encode_control(wire.HELLO, hello)).hello
+    assert decoded is not None and decoded.retained_seq == 17
+    older = {"t": "hello", "v": wire.WIRE_VERSION, "n": "a", "i": 1, "pc": 7100, "pp": 40000, "pl": 40001}
+    decoded = wire.decode_control(msgpack.packb(older)).hello
+    assert decoded is not None and decoded.retained_seq == 0
+
+
+@pytest.mark.parametrize("bad", [-1, "3", 1.5, None, [1]])
+def test_a_bad_retained_sequence_in_a_hello_is_a_wire_error(bad: object) -> None:
+    body = {"t": "hello", "v": wire.WIRE_VERSION, "n": "a", "i": 1, "pc": 7100, "pp": 40000, "pl": 40001, "rs": bad}
+    with pytest.raises(wire.WireError, match="retained sequence"):
+        wire.decode_control(msgpack.packb(body))
 
 
 def test_other_version_decodes_so_it_can_be_refused() -> None:
