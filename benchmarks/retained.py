@@ -570,8 +570,8 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.retained", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
     holder = sub.add_parser("_holder")
     holder.add_argument("--certs", type=Path, required=True)
@@ -584,13 +584,13 @@ def main() -> None:
     api.add_argument("--ready-file", required=True)
     parser.add_argument("--quick", action="store_true", help="N = 20,000, one repetition")
     parser.add_argument("--no-save", action="store_true", help="print only, write no result files")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "_holder":
         run_zmesh(_holder(args.certs, args.n, args.ready_file))
-        return
+        return 0
     if args.command == "_api":
         run_zmesh(_api_writer(args.config, args.n, args.n_sequential, args.ready_file))
-        return
+        return 0
 
     result = run(args.quick)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -603,7 +603,8 @@ def main() -> None:
         if not args.quick:
             (RESULTS / "retained-latest.md").write_text(report)
         _progress(f"wrote {RESULTS / json_name}{'' if args.quick else ' and retained-latest.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-SCENARIOS = ("pubsub", "mqtt_e2e", "fanout", "idle", "reqrep", "scaling", "retained", "discovery", "all")
+SCENARIOS = ("pubsub", "mqtt_e2e", "fanout", "idle", "reqrep", "scaling", "jobs", "retained", "discovery", "all")
 
 
 def run(scenario: str, argv: list[str]) -> int:
@@ -25,7 +25,4 @@ def run(scenario: str, argv: list[str]) -> int:
         raise FileNotFoundError("benchmarks/ not found: run from a zmesh source checkout")
     name = "run_all" if scenario == "all" else scenario
     module = __import__(f"benchmarks.{name}", fromlist=["main"])
-    if name == "retained":  # its main() reads sys.argv
-        sys.argv = [f"benchmarks.{name}", *argv]
-        return module.main() or 0
     return int(module.main(argv) or 0)
