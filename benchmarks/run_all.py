@@ -1,7 +1,7 @@
 """The whole suite, one scenario after another, then the budgets table and the README.
 
-    python -m benchmarks.run_all            # full (~30 min on 2 cores)
-    python -m benchmarks.run_all --quick    # quick (~8 min)
+    python -m benchmarks.run_all            # full (~6 min on a quiet 2-core machine; longer when loaded)
+    python -m benchmarks.run_all --quick    # quick (a few minutes)
     python -m benchmarks.run_all --only mqtt_e2e,idle
 
 Each scenario writes ``results/<scenario>-<UTC>[-quick].json`` and ``results/<scenario>-latest.md``
