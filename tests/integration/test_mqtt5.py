@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.helpers import RawMQTT, _str16, await_route, packet, stop_all
+from tests.mosquitto_broker import HAVE_MOSQUITTO, NO_MOSQUITTO, MosquittoBroker
 from tests.mqttkit import Client, connect_v5, publish_v5, subscribe_v5, two_nodes
 
 pytestmark = pytest.mark.timeout(60)
@@ -420,6 +421,65 @@ def test_reconnect_within_the_will_delay_suppresses_the_will(nodes: list) -> Non
         first.close()
         sub.close()
         pub.close()
+
+
+def test_a_clean_start_within_the_will_delay_ends_the_session_and_sends_the_will(nodes: list) -> None:
+    """MQTT 5 3.1.2.5: the will goes when the delay has passed *or the session ends*; a
+    clean start ends it (3.1.2.4). So the will comes at once, long before its 60 s delay.
+    Mosquitto 2.0.11 drops the will here instead (the README says so)."""
+    a, b = nodes
+    p = prefix()
+    will_topic = f"{p}/will"
+    client_id = f"fresh-{p}"
+    sub = Client(b.mqtt_port)
+    pub = Client(a.mqtt_port)
+    first = Client(a.mqtt_port, client_id, clean=True, session_expiry=300,
+                   will=(will_topic, b"old-session-over", 1, False, {"WillDelayInterval": 60}))
+    back = None
+    try:
+        assert sub.subscribe(f"{p}/#", qos=1) == [1]
+        await_route(pub, sub, f"{p}/probe")
+        first.drop()
+        back = Client(a.mqtt_port, client_id, clean=True, session_expiry=300)
+        assert not back.session_present
+        will = sub.get(timeout=10)
+        assert (will.topic, will.payload) == (will_topic, b"old-session-over")
+        back.disconnect(SessionExpiryInterval=0)
+    finally:
+        if back is not None:
+            back.close()
+        first.close()
+        sub.close()
+        pub.close()
+
+
+@pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NO_MOSQUITTO)
+def test_mosquitto_drops_the_will_on_a_clean_start_within_the_delay(tmp_path: Any) -> None:
+    """The other side of the difference the README states (and the test above pins for
+    zmesh): Mosquitto, same clients, same steps, never sends that will. If a Mosquitto
+    release changes this, this fails and the README's migration notes need updating."""
+    with MosquittoBroker(tmp_path) as broker:
+        p = prefix()
+        will_topic = f"{p}/will"
+        client_id = f"fresh-{p}"
+        sub = Client(broker.port)
+        first = Client(broker.port, client_id, clean=True, session_expiry=300,
+                       will=(will_topic, b"old-session-over", 1, False, {"WillDelayInterval": 2}))
+        back = None
+        try:
+            assert sub.subscribe(f"{p}/#", qos=1) == [1]
+            first.drop()
+            back = Client(broker.port, client_id, clean=True, session_expiry=300)
+            assert not back.session_present
+            nothing_for(sub, 3.0)  # past the 2 s delay: Mosquitto sent nothing
+            fence = b"end-will"
+            back.publish(will_topic, fence, qos=1)
+            assert until_fence(sub, fence) == []
+        finally:
+            if back is not None:
+                back.close()
+            first.close()
+            sub.close()
 
 
 def test_will_goes_when_the_session_ends_before_the_delay(nodes: list) -> None:
