@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -394,33 +395,43 @@ def test_will_with_delay_is_published_across_the_mesh(nodes: list) -> None:
         pub.close()
 
 
-def test_reconnect_within_the_will_delay_suppresses_the_will(nodes: list) -> None:
-    a, b = nodes
+@contextmanager
+def back_within_the_will_delay(pub_port: int, sub_port: int, *, clean_start: bool,
+                               delay: int) -> Iterator[tuple[Client, Client, str]]:
+    """A client whose will has a ``delay`` s delay (session expiry 300 s) loses its connection
+    and comes straight back, with a clean start or resuming; yields (a subscriber to the will
+    topic on ``sub_port``, a publisher on ``pub_port``, the will topic)."""
     p = prefix()
-    will_topic = f"{p}/will"
-    client_id = f"back-{p}"
-    sub = Client(b.mqtt_port)
-    pub = Client(a.mqtt_port)
-    first = Client(a.mqtt_port, client_id, clean=True, session_expiry=10,
-                   will=(will_topic, b"should-not-come", 1, False, {"WillDelayInterval": 2}))
+    will_topic, client_id = f"{p}/will", f"back-{p}"
+    sub, pub = Client(sub_port), Client(pub_port)
+    first = Client(pub_port, client_id, clean=True, session_expiry=300,
+                   will=(will_topic, b"old-session-over", 1, False, {"WillDelayInterval": delay}))
     back = None
     try:
         assert sub.subscribe(f"{p}/#", qos=1) == [1]
         await_route(pub, sub, f"{p}/probe")
         first.drop()
-        back = Client(a.mqtt_port, client_id, clean=False, session_expiry=10)
-        assert back.session_present
-        nothing_for(sub, 3.0)  # past the 2 s delay: no will
-        fence = b"end-will"
-        pub.publish(will_topic, fence, qos=1)
-        assert until_fence(sub, fence) == []
+        back = Client(pub_port, client_id, clean=clean_start, session_expiry=300)
+        assert back.session_present is not clean_start
+        yield sub, pub, will_topic
         back.disconnect(SessionExpiryInterval=0)
     finally:
-        if back is not None:
-            back.close()
-        first.close()
-        sub.close()
-        pub.close()
+        for client in (back, first, sub, pub):
+            if client is not None:
+                client.close()
+
+
+def assert_no_will(sub: Client, pub: Client, will_topic: str) -> None:
+    nothing_for(sub, 3.0)  # past the 2 s delay
+    fence = b"end-will"
+    pub.publish(will_topic, fence, qos=1)
+    assert until_fence(sub, fence) == []
+
+
+def test_reconnect_within_the_will_delay_suppresses_the_will(nodes: list) -> None:
+    a, b = nodes
+    with back_within_the_will_delay(a.mqtt_port, b.mqtt_port, clean_start=False, delay=2) as (sub, pub, topic):
+        assert_no_will(sub, pub, topic)
 
 
 def test_a_clean_start_within_the_will_delay_ends_the_session_and_sends_the_will(nodes: list) -> None:
@@ -428,29 +439,9 @@ def test_a_clean_start_within_the_will_delay_ends_the_session_and_sends_the_will
     clean start ends it (3.1.2.4). So the will comes at once, long before its 60 s delay.
     Mosquitto 2.0.11 drops the will here instead (the README says so)."""
     a, b = nodes
-    p = prefix()
-    will_topic = f"{p}/will"
-    client_id = f"fresh-{p}"
-    sub = Client(b.mqtt_port)
-    pub = Client(a.mqtt_port)
-    first = Client(a.mqtt_port, client_id, clean=True, session_expiry=300,
-                   will=(will_topic, b"old-session-over", 1, False, {"WillDelayInterval": 60}))
-    back = None
-    try:
-        assert sub.subscribe(f"{p}/#", qos=1) == [1]
-        await_route(pub, sub, f"{p}/probe")
-        first.drop()
-        back = Client(a.mqtt_port, client_id, clean=True, session_expiry=300)
-        assert not back.session_present
+    with back_within_the_will_delay(a.mqtt_port, b.mqtt_port, clean_start=True, delay=60) as (sub, _pub, topic):
         will = sub.get(timeout=10)
-        assert (will.topic, will.payload) == (will_topic, b"old-session-over")
-        back.disconnect(SessionExpiryInterval=0)
-    finally:
-        if back is not None:
-            back.close()
-        first.close()
-        sub.close()
-        pub.close()
+        assert (will.topic, will.payload) == (topic, b"old-session-over")
 
 
 @pytest.mark.skipif(not HAVE_MOSQUITTO, reason=NO_MOSQUITTO)
@@ -458,28 +449,9 @@ def test_mosquitto_drops_the_will_on_a_clean_start_within_the_delay(tmp_path: An
     """The other side of the difference the README states (and the test above pins for
     zmesh): Mosquitto, same clients, same steps, never sends that will. If a Mosquitto
     release changes this, this fails and the README's migration notes need updating."""
-    with MosquittoBroker(tmp_path) as broker:
-        p = prefix()
-        will_topic = f"{p}/will"
-        client_id = f"fresh-{p}"
-        sub = Client(broker.port)
-        first = Client(broker.port, client_id, clean=True, session_expiry=300,
-                       will=(will_topic, b"old-session-over", 1, False, {"WillDelayInterval": 2}))
-        back = None
-        try:
-            assert sub.subscribe(f"{p}/#", qos=1) == [1]
-            first.drop()
-            back = Client(broker.port, client_id, clean=True, session_expiry=300)
-            assert not back.session_present
-            nothing_for(sub, 3.0)  # past the 2 s delay: Mosquitto sent nothing
-            fence = b"end-will"
-            back.publish(will_topic, fence, qos=1)
-            assert until_fence(sub, fence) == []
-        finally:
-            if back is not None:
-                back.close()
-            first.close()
-            sub.close()
+    with MosquittoBroker(tmp_path) as broker, \
+            back_within_the_will_delay(broker.port, broker.port, clean_start=True, delay=2) as (sub, pub, topic):
+        assert_no_will(sub, pub, topic)
 
 
 def test_will_goes_when_the_session_ends_before_the_delay(nodes: list) -> None:
