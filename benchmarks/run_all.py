@@ -96,6 +96,51 @@ def budgets() -> list[dict[str, Any]]:
     return out
 
 
+def plot_scenario(name: str) -> None:
+    """The PNG of a scenario whose module does not draw its own, from its latest JSON."""
+    from benchmarks import plots
+
+    data = latest_json(name)
+    if data is None:
+        return
+    if name == "pubsub":
+        rows = []
+        for system, d in data["systems"].items():
+            for size in data["conditions"]["payload_sizes"]:
+                t = d.get("throughput", {}).get(str(size), {}).get("median", {})
+                lat = d.get("latency", {}).get(str(size), {})
+                rows.append({"label": f"{system} {size}B", "msgs_per_s": t.get("msgs_per_s"),
+                             "p50_us": lat.get("p50_us"), "p99_us": lat.get("p99_us")})
+        plots.plot("pubsub", rows, "node to node, CURVE (one publisher, one subscriber)")
+    elif name == "scaling":
+        by_case: dict[str, dict[str, Any]] = {}
+        for r in data["rows"]:
+            row = by_case.setdefault(r["system"], {"label": r["system"]})
+            if r["mode"] == "throughput":
+                row["msgs_per_s"] = r["msgs_per_s"]
+            else:
+                row["p50_us"], row["p99_us"] = r.get("p50_us"), r.get("p99_us")
+        plots.plot("scaling", list(by_case.values()), "scaling: one zmesh node pair as filters and retained topics grow")
+    elif name == "jobs":
+        items = [(f"{r['system']}, {r['workers']} worker node(s)", r["jobs_per_s_median"]) for r in data["rows"]]
+        plots.bars("jobs", [("jobs/s, median", "jobs/s", items)], "work queue: submit -> worker -> ack (64 B jobs)")
+    elif name == "retained":
+        summary = data.get("summary", {})
+        sync = [(f"joiner {where}", summary[f"sync_{where}"]["median_s"])
+                for where in ("memory", "store") if summary.get(f"sync_{where}")]
+        writes = [(f"{w['interface']}, sync {w['sync']}", w["per_s"]) for w in data.get("writes", [])]
+        plots.bars("retained", [(f"late joiner sync of {data['n']:,} entries", "seconds (median)", sync),
+                                ("durable retained writes", "writes/s", writes)], "retained state")
+    elif name == "discovery":
+        items = [(f"{r['mode']}, {r['nodes']} nodes", 1000 * r["median_from_ready_s"]) for r in data["summary"]]
+        plots.bars("discovery", [("a new node seen by every node", "ms from its ready file (median)", items)],
+                   "discovery: join time")
+    elif name == "idle":
+        rows = data["rows"]
+        plots.bars("idle", [("CPU", "% of one core", [(r["system"], r["cpu_pct"]) for r in rows]),
+                            ("memory", "RSS MiB", [(r["system"], r["rss_mib"]) for r in rows])], "idle processes")
+
+
 def budget_table(items: list[dict[str, Any]]) -> str:
     lines = ["| budget | figure | holds? |", "|---|---|---|"]
     for b in items:
@@ -143,19 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"  {name} crashed: {exc}")
             code = 1
         (failed if code else ran).append(name)
-        if name == "pubsub":
-            ps = latest_json("pubsub")
-            if ps:
-                from benchmarks import plots
-
-                rows = []
-                for system, d in ps["systems"].items():
-                    for size in ps["conditions"]["payload_sizes"]:
-                        t = d.get("throughput", {}).get(str(size), {}).get("median", {})
-                        lat = d.get("latency", {}).get(str(size), {})
-                        rows.append({"label": f"{system} {size}B", "msgs_per_s": t.get("msgs_per_s"),
-                                     "p50_us": lat.get("p50_us"), "p99_us": lat.get("p99_us")})
-                plots.plot("pubsub", rows, "node to node, CURVE (one publisher, one subscriber)")
+        if not code:
+            plot_scenario(name)
     text = update_readme(ran + [f"{f} (with errors)" for f in failed], opts.quick)
     print("\n" + text)
     progress(f"suite: {time.perf_counter() - started:.0f} s; ok: {ran}; with errors: {failed}")
