@@ -102,8 +102,8 @@ class _Link:
         self.max_seen: int | None = None  # highest retained frame seen live since then
         self.sync_pending = False
         self.last_sync = 0.0
-        # The peer's retained sequence from a hello that was ahead of `synced_upto`; if we
-        # are still behind it at the next hello, its frame was lost, not late.
+        # The peer's retained sequence from a hello that was ahead of `synced_upto`, and when
+        # it came; still behind it RETAINED_GRACE later, its frame was lost, not late.
         self.announced_seq: int | None = None
         self.announced_at = 0.0
 
