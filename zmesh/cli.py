@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from zmesh import __version__
+from zmesh import __version__, eventloop
 from zmesh.cli_auth import register as _register_auth_commands
 
 CONTEXT = {"help_option_names": ["--help"]}
@@ -154,7 +154,7 @@ def doctor(
         line = f"{'ok  ' if check.ok else 'FAIL'}  {check.what}"
         typer.echo(line + (f"\n      -> {check.advice}" if not check.ok and check.advice else ""))
 
-    if not asyncio.run(run_checks(node_config, report)):
+    if not eventloop.run(run_checks(node_config, report)):
         raise typer.Exit(1)
 
 
@@ -300,7 +300,7 @@ def _run_client(coro: Any, timeout: float = 0) -> None:
             await coro
 
     try:
-        asyncio.run(bounded())
+        eventloop.run(bounded())
     except TimeoutError:
         raise typer.Exit(EXIT_TIMEOUT) from None
     except (ClientError, OSError) as exc:
@@ -522,7 +522,7 @@ def demo(
     from zmesh.demo import run_demo
 
     try:
-        code = asyncio.run(run_demo(duration))
+        code = eventloop.run(run_demo(duration))
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
