@@ -113,16 +113,17 @@ def test_publish_properties_cross_the_mesh_unchanged(nodes: list, qos: int) -> N
 # 2. Persistent sessions
 
 
-def test_persistent_session_queues_while_away_and_clean_start_discards(nodes: list) -> None:
+@contextmanager
+def session_away(nodes: list, name: str, session_expiry: int) -> Iterator[tuple[Client, Client, str, str]]:
+    """A persistent session on node b subscribed to ``PREFIX/#``, its route proven, then
+    disconnected. A witness on b has the same subscription: once the witness has a message,
+    node b has routed it (to the absent session too). Yields (a publisher on node a, the
+    witness, the session's client id, the prefix its subscription is under)."""
     a, b = nodes
     p = prefix()
-    client_id = f"persist-{p}"
-    topic = f"{p}/t"
-    pub = Client(a.mqtt_port)
-    # A witness on b with the same subscription: once it has a message, node b has routed it
-    # (to the absent session too).
-    witness = Client(b.mqtt_port)
-    sub = Client(b.mqtt_port, client_id, clean=False, session_expiry=300)
+    client_id = f"{name}-{p}"
+    pub, witness = Client(a.mqtt_port), Client(b.mqtt_port)
+    sub = Client(b.mqtt_port, client_id, clean=False, session_expiry=session_expiry)
     try:
         assert not sub.session_present
         assert witness.subscribe(f"{p}/#", qos=1) == [1]
@@ -130,7 +131,16 @@ def test_persistent_session_queues_while_away_and_clean_start_discards(nodes: li
         await_route(pub, witness, f"{p}/probe")
         await_route(pub, sub, f"{p}/probe")  # also drains what the witness's route sent
         sub.disconnect()
+        yield pub, witness, client_id, p
+    finally:
+        for client in (witness, pub, sub):
+            client.close()
 
+
+def test_persistent_session_queues_while_away_and_clean_start_discards(nodes: list) -> None:
+    _, b = nodes
+    with session_away(nodes, "persist", 300) as (pub, witness, client_id, p):
+        topic = f"{p}/t"
         for i in range(10):
             pub.publish(topic, f"away-{i}", qos=1)
         pub.publish(topic, b"end-away", qos=1)
@@ -169,43 +179,27 @@ def test_persistent_session_queues_while_away_and_clean_start_discards(nodes: li
             assert until_fence(clean, fence) == []
         finally:
             clean.close()
-    finally:
-        witness.close()
-        pub.close()
-        sub.close()
 
 
 def test_queued_message_expiry_is_dropped_on_resume(nodes: list) -> None:
-    a, b = nodes
-    p = prefix()
-    client_id = f"expiry2-{p}"
-    topic = f"{p}/t"
-    pub = Client(a.mqtt_port)
-    witness = Client(b.mqtt_port)
-    sub = Client(b.mqtt_port, client_id, clean=False, session_expiry=60)
+    _, b = nodes
     back = None
-    try:
-        assert witness.subscribe(f"{p}/#", qos=1) == [1]
-        assert sub.subscribe(f"{p}/#", qos=1) == [1]
-        await_route(pub, witness, f"{p}/probe")
-        await_route(pub, sub, f"{p}/probe")
-        sub.disconnect()
-        pub.publish(topic, b"short", qos=1, MessageExpiryInterval=1)
-        pub.publish(topic, b"long", qos=1, MessageExpiryInterval=100)
-        pub.publish(topic, b"end-expiry", qos=1)
-        assert [m.payload for m in until_fence(witness, b"end-expiry")] == [b"short", b"long"]
-        nothing_for(witness, 2.5)  # the wall clock: "short" expires meanwhile
-        back = Client(b.mqtt_port, client_id, clean=False, session_expiry=0)
-        assert back.session_present
-        got = until_fence(back, b"end-expiry")
-        assert [m.payload for m in got] == [b"long"]
-        assert 0 < got[0].properties.MessageExpiryInterval < 100
-    finally:
-        if back is not None:
-            back.close()
-        witness.close()
-        pub.close()
-        sub.close()
+    with session_away(nodes, "expiry2", 60) as (pub, witness, client_id, p):
+        topic = f"{p}/t"
+        try:
+            pub.publish(topic, b"short", qos=1, MessageExpiryInterval=1)
+            pub.publish(topic, b"long", qos=1, MessageExpiryInterval=100)
+            pub.publish(topic, b"end-expiry", qos=1)
+            assert [m.payload for m in until_fence(witness, b"end-expiry")] == [b"short", b"long"]
+            nothing_for(witness, 2.5)  # the wall clock: "short" expires meanwhile
+            back = Client(b.mqtt_port, client_id, clean=False, session_expiry=0)
+            assert back.session_present
+            got = until_fence(back, b"end-expiry")
+            assert [m.payload for m in got] == [b"long"]
+            assert 0 < got[0].properties.MessageExpiryInterval < 100
+        finally:
+            if back is not None:
+                back.close()
 
 
 # ---------------------------------------------------------------------------------------

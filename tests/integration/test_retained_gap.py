@@ -18,12 +18,12 @@ import pytest
 from tests.helpers import make_certs
 from tests.integration.test_python_api import await_route
 from zmesh import Node
-from zmesh.config import load_config
+from zmesh.config import NodeConfig, load_config
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _config(certs: Path, name: str, seeds: list[str]) -> object:
+def _config(certs: Path, name: str, seeds: list[str]) -> NodeConfig:
     return load_config(None, {
         "node.name": name, "mesh.cert": str(certs / f"{name}.key_secret"), "mesh.trusted": str(certs),
         "mesh.listen": "127.0.0.1:0", "mesh.peers": seeds, "mqtt.listen": "",
@@ -33,8 +33,8 @@ def _config(certs: Path, name: str, seeds: list[str]) -> object:
 
 @asynccontextmanager
 async def two_nodes(certs: Path) -> AsyncIterator[tuple[Node, Node]]:
-    async with Node(config=_config(certs, "one", [])) as one:  # type: ignore[arg-type]
-        async with Node(config=_config(certs, "two", [f"127.0.0.1:{one.control_port}"])) as two:  # type: ignore[arg-type]
+    async with Node(config=_config(certs, "one", [])) as one:
+        async with Node(config=_config(certs, "two", [f"127.0.0.1:{one.control_port}"])) as two:
             await asyncio.gather(one.wait_for_peers(1), two.wait_for_peers(1))
             yield one, two
 
