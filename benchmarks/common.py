@@ -10,6 +10,7 @@ Every wait is bounded and every process is stopped in a ``finally`` (SIGTERM, th
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from benchmarks.pubsub import _cpu_jiffies, _cpu_model, _git, _percentile
@@ -235,8 +237,17 @@ def log_warnings(path: Path, limit: int = 20) -> list[str]:
 # ------------------------------------------------------------------ servers
 
 
+def zmesh_module(path: str, before_layout: str) -> ModuleType:
+    """A zmesh module by its path since the layout of subpackages (issue 13), or by its path
+    before it: the benchmarks also run an older zmesh side by side (--zmesh-rev)."""
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        return importlib.import_module(before_layout)
+
+
 def make_certs(directory: Path, names: list[str]) -> Path:
-    from zmesh.certs import create_certificate
+    create_certificate = zmesh_module("zmesh.security.certs", "zmesh.certs").create_certificate
 
     for name in names:
         if not (directory / f"{name}.key_secret").exists():

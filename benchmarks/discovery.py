@@ -369,7 +369,7 @@ def markdown(report: dict[str, Any], json_name: str) -> str:
         f"{_ms(min(static_first))}-{_ms(max(static_first))} ms after its ready file: the seed "
         "probe's first hello goes out before the CURVE handshake has completed and is dropped "
         "(ZMQ_IMMEDIATE), and the probe only retries after `RETRY_HELLO` (200 ms, "
-        "zmesh/mesh.py); the others follow through peer exchange."
+        "zmesh/mesh/mesh.py); the others follow through peer exchange."
         if static_first
         else ""
     )

@@ -318,7 +318,7 @@ class Deployment:
     """One row: a submitter and ``workers`` worker processes of one system."""
 
     def __init__(self, ctx: Any, system: str, workers: int, work: Path) -> None:
-        from zmesh.certs import create_certificate
+        from zmesh.security.certs import create_certificate
 
         self.system, self.workers = system, workers
         self.key = f"{system}-{workers}w"

@@ -57,6 +57,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+
+def _zmesh_module(path: str, before_layout: str) -> Any:
+    """A zmesh module by its path since the layout of subpackages (issue 13), or by its path
+    before it: --zmesh-rev runs an older zmesh side by side."""
+    import importlib
+
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        return importlib.import_module(before_layout)
+
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -683,7 +695,7 @@ class Bench:
         sys.path.insert(0, self.zmesh_src)
 
     def make_certs(self) -> None:
-        from zmesh.certs import create_certificate
+        create_certificate = _zmesh_module("zmesh.security.certs", "zmesh.certs").create_certificate
 
         for name in ("pub", "sub"):
             create_certificate(self.certs, name)
@@ -938,7 +950,7 @@ def conditions(bench: Bench) -> dict[str, Any]:
     import msgpack
     import zmq
 
-    from zmesh import transport
+    transport = _zmesh_module("zmesh.mesh.transport", "zmesh.transport")
 
     dirty = _git("status", "--porcelain", "--", "zmesh") if bench.zmesh_src is None else ""
     return {

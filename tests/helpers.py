@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import zmq.auth
 
-from zmesh.certs import create_certificate
+from zmesh.security.certs import create_certificate
 
 REPO = Path(__file__).resolve().parent.parent
 # Every NodeProcess started in this session, so a failing test can show the logs.
@@ -61,7 +61,10 @@ class NodeProcess:
         seeds: list[int] | None = None,
         control_port: int | None = None,
         extra: list[str] | None = None,
+        keys: bool = True,
     ) -> None:
+        """``keys=False``: no --cert/--trusted (a node admitted by certificate, whose key
+        pair is made at start; its config file comes in ``extra``)."""
         self.name = name
         self.workdir = workdir
         # 0: an ephemeral port the node binds itself, read back from its ready file (no race
@@ -72,8 +75,7 @@ class NodeProcess:
         args = [
             sys.executable, "-m", "zmesh", "node", "run",
             "--name", name,
-            "--cert", str(cert_dir / f"{name}.key_secret"),
-            "--trusted", str(trusted or cert_dir),
+            *(["--cert", str(cert_dir / f"{name}.key_secret"), "--trusted", str(trusted or cert_dir)] if keys else []),
             "--listen", f"127.0.0.1:{self.control_port}",
             "--mqtt", "127.0.0.1:0",
             "--ready-file", str(self.ready_file),
@@ -123,6 +125,12 @@ class NodeProcess:
         """Read a $SYS/zmesh/... value over MQTT."""
         with Subscriber(self.mqtt_port, topic) as sub:
             return json.loads(sub.get().payload)
+
+    def loop_stalls(self) -> dict[str, Any]:
+        """The node's event-loop lag (``lag_last_ms``, ``lag_max_ms``, ``stalls_total``: wake-ups
+        more than 50 ms late), for tests that put it under hostile load."""
+        value: dict[str, Any] = self.sys_value("$SYS/zmesh/node")["loop"]
+        return value
 
     def peers_up(self) -> set[str]:
         return {p["name"] for p in self.sys_value("$SYS/zmesh/peers") if p["state"] == "up"}

@@ -35,8 +35,10 @@ class MosquittoBroker:
         password_file: Path | None = None,
         acl_file: Path | None = None,
         allow_anonymous: bool = True,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
+        self.extra = extra  # more mosquitto.conf lines (limits such as max_keepalive)
         self.conf = workdir / f"mosquitto-{uuid.uuid4().hex[:6]}.conf"
         self.log_path = self.conf.with_suffix(".log")
         self.password_file, self.acl_file, self.allow_anonymous = password_file, acl_file, allow_anonymous
@@ -57,6 +59,7 @@ class MosquittoBroker:
             lines.append(f"password_file {self.password_file}")
         if self.acl_file is not None:
             lines.append(f"acl_file {self.acl_file}")
+        lines.extend(self.extra)
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self) -> MosquittoBroker:

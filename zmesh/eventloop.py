@@ -45,6 +45,31 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main)
 
 
+class RunQueueWait:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (Linux'
+    ``/proc/thread-self/schedstat``): how much of a late wake-up the machine, not the node,
+    is to blame for. ``read()`` is None where the kernel does not say."""
+
+    def __init__(self) -> None:
+        try:
+            self._file: Any = open("/proc/thread-self/schedstat", "rb", buffering=0)  # noqa: SIM115
+        except OSError:
+            self._file = None
+
+    def read(self) -> float | None:
+        if self._file is None:
+            return None
+        try:
+            self._file.seek(0)
+            return int(self._file.read(128).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 def describe() -> str:
     """The loop ``run`` would use, with its version: for logs and benchmark conditions."""
     uvloop = _uvloop()

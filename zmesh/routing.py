@@ -12,7 +12,7 @@ from collections.abc import Hashable
 from typing import Any, Protocol
 
 from zmesh import topics
-from zmesh.wire import subscription_prefix
+from zmesh.mesh.wire import subscription_prefix
 
 MATCH_CACHE_LIMIT = 10_000
 

@@ -225,6 +225,15 @@ class Host:
         ip("link", "set", self.veth, "up")
         self.is_cut = False
 
+    def block(self, other: Host) -> None:
+        """Drop everything this host sends to ``other`` (a blackhole route: silent, like a
+        broken link, not a refusal). With :meth:`unblock`, and the same on ``other``, it
+        cuts the two hosts apart while both still reach the bridge and the test."""
+        ip("-n", self.ns, "route", "add", "blackhole", f"{other.ip}/32")
+
+    def unblock(self, other: Host) -> None:
+        ip("-n", self.ns, "route", "del", "blackhole", f"{other.ip}/32", check=False)
+
     def kill_all(self, grace: float = 2.0) -> None:
         """Stop every process started in this host: SIGTERM, then SIGKILL after ``grace`` s;
         then anything else still inside the namespace (children of what we started)."""

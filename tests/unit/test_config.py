@@ -97,7 +97,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.data_dir == config_dir / "data" / "alpha"
     assert config.mesh == MeshConfig(
         listen="0.0.0.0:7101",
-        cert=config_dir / ".." / "certs" / "alpha.key_secret",
+        cert=config_dir.parent / "certs" / "alpha.key_secret",  # "nodes/../certs" normalised
         trusted=Path("/etc/zmesh/trusted"),
         peers=("10.0.0.2:7101", "[fd00::3]:7101", "beta.mesh.svc:7101"),
         heartbeat_interval=2.0,
@@ -271,6 +271,15 @@ def test_unknown_keys_name_file_and_key(tmp_path: Path, text: str, key: str, fra
         ),
         ("[mqtt]\nmax_inflight = 0", "mqtt.max_inflight", "from 1 to 65535"),
         ("[mqtt]\nmax_packet_size = -5", "mqtt.max_packet_size", "must be from"),
+        # issue 14's limits, Mosquitto's names
+        ("[mqtt]\nmaximum_qos = 3", "mqtt.maximum_qos", "from 0 to 2"),
+        ('[mqtt]\nretain_available = "no"', "mqtt.retain_available", "expected"),
+        ("[mqtt]\nmax_keepalive = 65536", "mqtt.max_keepalive", "from 0 to 65535"),
+        ("[mqtt]\nmax_connections = -2", "mqtt.max_connections", "from -1"),
+        ("[mqtt]\nmax_queued_bytes = -1", "mqtt.max_queued_bytes", "must be from"),
+        ("[mqtt]\nmax_queued_bytes_total = 1.5", "mqtt.max_queued_bytes_total", "expected an integer"),
+        ("[mqtt]\nmax_subscriptions = -1", "mqtt.max_subscriptions", "must be from"),
+        ("[mqtt]\nmessage_size_limit = 268435456", "mqtt.message_size_limit", "must be from"),
         ('[log]\nlevel = "loud"', "log.level", "debug, info, warning, error"),
     ],
 )
@@ -690,3 +699,105 @@ def test_any_listeners_value_loads_or_gives_a_config_error_naming_it(value: obje
         assert (listener.certfile is None) == (listener.keyfile is None)
         assert not listener.use_identity_as_username or listener.require_certificate
         assert not listener.require_certificate or listener.cafile or listener.capath
+
+
+def test_certificate_mode_needs_exactly_one_way_to_prove_itself(tmp_path: Path) -> None:
+    conf = tmp_path / "n.toml"
+    conf.write_text('[node]\nname = "n"\n[mesh]\nauthority = "ca.pub"\n')
+    with pytest.raises(ConfigError, match="mesh.authority: a node admitted by certificate needs exactly one"):
+        load_config(conf)
+    conf.write_text('[node]\nname = "n"\n[mesh]\nauthority = "ca.pub"\ncertificate = "n.chain"\n')
+    with pytest.raises(ConfigError, match="mesh.certificate: a hand-issued certificate is for a fixed key"):
+        load_config(conf)
+    conf.write_text('[node]\nname = "n"\n[mesh]\nsigner = "g.signer"\n')
+    with pytest.raises(ConfigError, match="mesh.signer: only meaningful with mesh.authority"):
+        load_config(conf)
+    conf.write_text('[node]\nname = "n"\n[mesh]\nauthority = "ca.pub"\nsigner = "g.signer"\ngroups = ["a b"]\n')
+    with pytest.raises(ConfigError, match="mesh.groups"):
+        load_config(conf)
+    conf.write_text('[node]\nname = "n"\n[mesh]\nauthority = "ca.pub"\nsigner = "g.signer"\ngroups = ["scanner"]\n')
+    config = load_config(conf)
+    assert config.mesh.signer == tmp_path / "g.signer" and config.mesh.groups == ("scanner",)
+
+
+def test_fixed_mesh_ports_http_and_shutdown_grace(tmp_path: Path) -> None:
+    """Off or ephemeral by default, as before; set, they are what the node binds."""
+    config = load_config(write(tmp_path, '[node]\nname = "a"\n'))
+    assert (config.mesh.events_port, config.mesh.jobs_port, config.http.listen) == (0, 0, None)
+    assert 0 < config.shutdown_grace < 30  # inside Kubernetes' default termination grace
+    config = load_config(write(tmp_path, """
+[node]
+name = "a"
+shutdown_grace = 5
+[mesh]
+listen = "0.0.0.0:7100"
+events_port = 7101
+jobs_port = 7102
+[http]
+listen = "0.0.0.0:7180"
+"""))
+    assert (config.mesh.events_port, config.mesh.jobs_port) == (7101, 7102)
+    assert config.http.listen == "0.0.0.0:7180" and config.shutdown_grace == 5.0
+    assert load_config(None, {"node.name": "a", "http.listen": ""}).http.listen is None
+
+
+@pytest.mark.parametrize(
+    "text, key, fragment",
+    [
+        ('[mesh]\nlisten = "0.0.0.0:7100"\nevents_port = 7100', "mesh.events_port", "already used by mesh.listen"),
+        ("[mesh]\nevents_port = 7101\njobs_port = 7101", "mesh.jobs_port", "already used by mesh.events_port"),
+        ("[mesh]\njobs_port = 70000", "mesh.jobs_port", "from 0 to 65535"),
+        ('[mesh]\nlisten = "0.0.0.0:7100"\nauthority = "ca.pub"\nsigner = "g.signer"\nevents_port = 7101',
+         "mesh.events_port", "already used by mesh.identity_port"),
+        ('[mesh]\nevents_port = "7101"', "mesh.events_port", "expected an integer"),
+        ('[node]\nname = "a"\nshutdown_grace = 0', "node.shutdown_grace", "greater than 0"),
+        ('[http]\nlisten = "nowhere"', "http.listen", "port"),
+    ],
+)
+def test_bad_ops_settings(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    err = error_of(write(tmp_path, text if text.startswith("[node]") else '[node]\nname = "a"\n' + text))
+    assert err.key == key and fragment in err.message, str(err)
+
+
+# ---------------------------------------------------------------------------- hostile peers (issue 14)
+
+
+def test_peer_input_bounds_have_defaults_and_checked_values(tmp_path: Path) -> None:
+    from zmesh.config import mesh_max_message_size
+
+    config = load_config(None, {"node.name": "a"})
+    assert (config.retained.max_entries, config.retained.max_bytes) == (200_000, 256 * 1024 * 1024)
+    assert config.retained.max_clock_offset == 60.0
+    assert mesh_max_message_size(config) == 16 * 1024 * 1024  # derived: 2 x 1 MiB + 2 MiB < 16 MiB
+    big = load_config(write(tmp_path, '[node]\nname = "a"\n[mqtt]\nmax_packet_size = 10485760\n'))
+    assert mesh_max_message_size(big) == 2 * 10_485_760 + 2 * 1024 * 1024
+    set_ = load_config(write(tmp_path, '[node]\nname = "a"\n[mesh]\nmax_message_size = 5000000\n', "b.toml"))
+    assert mesh_max_message_size(set_) == 5_000_000
+    for text, key in (('[mesh]\nmax_message_size = -1', "mesh.max_message_size"),
+                      ('[retained]\nmax_clock_offset = 0', "retained.max_clock_offset"),
+                      ('[retained]\nsync_bytes_per_second = 10', "retained.sync_bytes_per_second"),
+                      ('[retained]\nsync_requests_per_second = "x"', "retained.sync_requests_per_second")):
+        err = error_of(write(tmp_path, f'[node]\nname = "a"\n{text}\n', "bad.toml"))
+        assert err.key == key
+
+
+def test_delivery_table(tmp_path: Path) -> None:
+    """[delivery] (docs/delivery.md §11): defaults, values, and errors naming file and key."""
+    assert load_config(write(tmp_path, '[node]\nname = "a"\n')).delivery.policy == "block"
+    config = load_config(write(tmp_path, '[node]\nname = "a"\n[delivery]\npolicy = "drop"\noutbox_max_bytes = 1048576\n'
+                                         'outbox_max_age = 30\nblock_max = 5\ngive_up = 45\nstop_timeout = 0\n'))
+    d = config.delivery
+    assert (d.policy, d.outbox_max_bytes, d.outbox_max_age, d.block_max, d.give_up, d.stop_timeout) == (
+        "drop", 1048576, 30.0, 5.0, 45.0, 0.0)
+    path = write(tmp_path, '[node]\nname = "a"\n[delivery]\npolicy = "fast"\n')
+    with pytest.raises(ConfigError, match=rf"{path}: delivery.policy: must be one of 'block', 'drop'"):
+        load_config(path)
+    path = write(tmp_path, '[node]\nname = "a"\n[delivery]\nblock_max = 60\n')
+    with pytest.raises(ConfigError, match=rf"{path}: delivery.block_max: .*less than delivery.outbox_max_age"):
+        load_config(path)
+    path = write(tmp_path, '[node]\nname = "a"\n[delivery]\noutbox_max_age = 100\n')
+    with pytest.raises(ConfigError, match=rf"{path}: delivery.outbox_max_age: delivery.give_up must be greater"):
+        load_config(path)
+    path = write(tmp_path, '[node]\nname = "a"\n[delivery]\nwindow = 0\n')
+    with pytest.raises(ConfigError, match=rf"{path}: delivery.window: must be from 1"):
+        load_config(path)

@@ -73,9 +73,12 @@ class ListenerSet:
         except OSError as exc:
             # asyncio's message repeats the address in Python syntax; the errno's text is enough.
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenerError(
+            error = ListenerError(
                 f"{self._source}: {listener.key}: cannot listen on {listener.address} ({listener.scheme}): {reason}"
-            ) from None
+            )
+            # For the command line's advice (zmesh.cli.daemon): which key, and why.
+            error.key, error.address, error.errno = listener.key, listener.address, exc.errno
+            raise error from None
         sockname = server.sockets[0].getsockname()
         return BoundListener(listener, (sockname[0], sockname[1]), server)
 

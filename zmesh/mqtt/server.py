@@ -20,10 +20,12 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from zmesh import topics
 from zmesh.config import MqttConfig
+from zmesh.drops import Drops
 from zmesh.mqtt import codec
 from zmesh.mqtt.codec import (
     MQTT_5,
@@ -43,11 +45,20 @@ from zmesh.mqtt.codec import (
     encode_publish,
 )
 from zmesh.mqtt.listeners import BoundListener, ListenerSet
-from zmesh.mqtt.session import NEVER, Outgoing, SubscriptionOptions, TopicAliases, remaining_expiry
+from zmesh.mqtt.session import (
+    NEVER,
+    Outgoing,
+    QueueBudget,
+    SubscriptionOptions,
+    TopicAliases,
+    remaining_expiry,
+)
 from zmesh.mqtt.sessions import ACL_CACHE_LIMIT, Session, SessionStore
 
 if TYPE_CHECKING:
-    from zmesh.node import Node
+    from zmesh.mqtt.sessionstore import SessionPersistence, StoredSession
+    from zmesh.ports import Broker
+    from zmesh.security.authority import Authority
 
 LONE_WRITE_GAP = 0.0005  # s of quiet after which a packet is written at once (see _write)
 log = logging.getLogger("zmesh.mqtt")
@@ -66,6 +77,10 @@ RC_UNSPECIFIED = 0x80
 RC_CLIENT_ID_NOT_VALID = 0x85
 RC_NOT_AUTHORIZED = 0x87
 RC_KEEP_ALIVE_TIMEOUT = 0x8D
+RC_BAD_AUTHENTICATION_METHOD = 0x8C
+RC_RETAIN_NOT_SUPPORTED = 0x9A
+RC_QOS_NOT_SUPPORTED = 0x9B
+RC_IMPLEMENTATION_SPECIFIC = 0x83
 RC_SESSION_TAKEN_OVER = 0x8E
 RC_TOPIC_FILTER_INVALID = 0x8F
 RC_PACKET_ID_NOT_FOUND = 0x92
@@ -75,6 +90,8 @@ RC_SERVER_SHUTTING_DOWN = 0x8B
 RC_DISCONNECT_WITH_WILL = 0x04
 
 PINGRESP = b"\xd0\x00"
+SLICE_SECONDS = 0.005  # one client's SUBSCRIBE work per loop turn before others get a turn
+PAUSED = object()  # a packet handler's answer: "not done, goes on in a later loop turn"
 
 
 class Connection(asyncio.Protocol):
@@ -84,7 +101,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: MQTTServer) -> None:
         self.server = server
-        self.node = server.node
+        self.broker = server.broker
         self.config = server.config
         self.transport: asyncio.Transport | None = None
         self.decoder = codec.Decoder(max_packet_size=server.config.max_packet_size)
@@ -93,7 +110,7 @@ class Connection(asyncio.Protocol):
         self.connected = False  # CONNECT accepted (CONNACK 0 sent)
         self.closing = False
         self.keepalive = CONNECT_TIMEOUT
-        self.last_rx = time.monotonic()
+        self.last_rx = self.accepted_at = time.monotonic()
         self.will: codec.Will | None = None
         self.session: Session | None = None
         self.username: str | None = None
@@ -130,9 +147,19 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        limit = self.config.max_connections
+        if 0 < limit <= len(self.server.connections):
+            # Mosquitto's max_connections: the connection is closed at once, before any byte
+            # is read (all listeners together here; Mosquitto counts per listener).
+            self.server.drop("mqtt_max_connections", f"{self.peer}: more than {limit} connections")
+            self.closing = True
+            transport.close()
+            return
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # refused or failed: nothing more from this client is read
         self.last_rx = time.monotonic()
         error: MQTTError | None = None
         try:
@@ -164,19 +191,55 @@ class Connection(asyncio.Protocol):
 
     def _handle(self, packets: list[codec.Packet], error: MQTTError | None) -> None:
         try:
-            for packet in packets:
+            for i, packet in enumerate(packets):
                 if self.closing:
                     return
                 handler = self._handlers.get(type(packet))
                 if handler is None:
                     raise MQTTError(codec.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")
-                handler(self, packet)
+                if handler(self, packet) is PAUSED:
+                    # A long SUBSCRIBE goes on in later loop turns: the packets after it
+                    # wait, in order, and reading stops until it is done.
+                    self._backlog, self._backlog_error = list(packets[i + 1 :]), error
+                    if self.transport is not None:
+                        self.transport.pause_reading()
+                    return
             if error is not None and not self.closing:
                 raise error
         except MQTTError as exc:
             self._fail(exc.reason_code, str(exc))
         except topics.TopicError as exc:
             self._fail(codec.PROTOCOL_ERROR, str(exc))
+
+    def _in_slices(self, steps: Iterator[None]) -> object:
+        """Run ``steps`` (a generator yielding after each unit of work) for at most
+        SLICE_SECONDS per event-loop turn, so that one client's 20,000-filter SUBSCRIBE does
+        not hold every other client and the mesh heartbeats (issue 14, hole 2). Returns
+        PAUSED when the work goes on in a later turn, None when it is done."""
+        deadline = time.monotonic() + SLICE_SECONDS
+        for _ in steps:
+            if time.monotonic() > deadline:
+                self._loop.call_soon(self._next_slice, steps)
+                return PAUSED
+        return None
+
+    def _next_slice(self, steps: Iterator[None]) -> None:
+        if self.closing or self._lost:
+            return
+        try:
+            if self._in_slices(steps) is PAUSED:
+                return
+        except MQTTError as exc:
+            self._fail(exc.reason_code, str(exc))
+            return
+        except topics.TopicError as exc:
+            self._fail(codec.PROTOCOL_ERROR, str(exc))
+            return
+        backlog, error = self._backlog or [], self._backlog_error
+        self._backlog = self._backlog_error = None
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+        self._handle(backlog, error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -198,6 +261,25 @@ class Connection(asyncio.Protocol):
         level = packet.protocol_level
         self.level = level
         self.decoder.protocol_level = level
+        if level == MQTT_5 and "authentication_method" in packet.properties:
+            # No enhanced authentication method is supported: MQTT-4.12.0-1 asks for CONNACK
+            # 0x8C and a closed connection (Mosquitto without an auth plugin does the same).
+            self._refuse(CONNACK_NOT_AUTHORIZED, RC_BAD_AUTHENTICATION_METHOD, "unsupported authentication method")
+            return
+        config = self.config
+        will = packet.will
+        if will is not None and will.retain and not config.retain_available:
+            # Mosquitto: MQTT 5 "retain not supported"; 3.1.1 has no code, the connection closes.
+            self._refuse_v5_or_close(RC_RETAIN_NOT_SUPPORTED, "a retained will, with retain_available false")
+            return
+        if will is not None and will.qos > self.server.maximum_qos:
+            self._refuse_v5_or_close(RC_QOS_NOT_SUPPORTED, f"a QoS {will.qos} will, above maximum_qos")
+            return
+        if level < MQTT_5 and 0 < config.max_keepalive < 65535 and packet.keepalive > config.max_keepalive:
+            # 3.1.1 cannot be told a shorter keepalive: refused, as Mosquitto's manual says.
+            self._refuse(CONNACK_IDENTIFIER_REJECTED, RC_CLIENT_ID_NOT_VALID,
+                         f"keepalive {packet.keepalive} s above max_keepalive {config.max_keepalive}")
+            return
         client_id = packet.client_id
         assigned = False
         if not client_id:
@@ -206,7 +288,7 @@ class Connection(asyncio.Protocol):
                 return
             client_id, assigned = f"zmesh-{secrets.token_hex(8)}", True
         self.client_id = client_id
-        auth = getattr(self.node, "auth", None)
+        auth = self.server.auth
         if auth is not None and not getattr(auth, "enabled", True):
             auth = None  # no password file, no ACL, anonymous allowed: nothing to check, ever
         if auth is not None and self.cert_username is None:
@@ -266,14 +348,20 @@ class Connection(asyncio.Protocol):
         session, present = store.open(client_id, packet.clean_start)
         acl = auth if auth is not None and getattr(auth, "acl_file", True) is not None else None
         self.username = self.cert_username if self.cert_username is not None else packet.username
-        session.username = self.username
-        session.auth = self.acl = acl
+        new_owner = session.set_owner(self.username, acl) and present
+        self.acl = acl
         session.level = level
-        session.expiry = expiry
+        store.set_expiry(session, expiry)  # with a data_dir: on disk while the expiry is not 0
         session.conn = self
         self.session = session
         self.connected = True
-        self.keepalive = packet.keepalive * 1.5 if packet.keepalive else 0.0
+        keepalive = packet.keepalive
+        server_keepalive = None
+        if v5 and config.max_keepalive and (keepalive > config.max_keepalive or not keepalive):
+            # Mosquitto's max_keepalive: an MQTT 5 client asking more (or none) is told
+            # the Server Keep Alive, and held to it.
+            keepalive = server_keepalive = config.max_keepalive
+        self.keepalive = keepalive * 1.5 if keepalive else 0.0
         self.will = packet.will
         client_receive_maximum = 65535
         properties: dict[str, Any] = {}
@@ -284,10 +372,10 @@ class Connection(asyncio.Protocol):
             if config.topic_alias_maximum:
                 self.aliases = TopicAliases(config.topic_alias_maximum)
             properties = {
-                # No maximum_qos: QoS 2 is supported, and the property may only say 0 or 1.
+                # maximum_qos (below) only when it is 0 or 1: the property cannot say 2.
                 "receive_maximum": config.max_inflight,
                 "topic_alias_maximum": config.topic_alias_maximum,
-                "retain_available": 1,
+                "retain_available": 1 if config.retain_available else 0,
                 "wildcard_subscription_available": 1,
                 "shared_subscription_available": 1,
                 "subscription_identifier_available": 1,
@@ -295,13 +383,30 @@ class Connection(asyncio.Protocol):
             }
             if assigned:
                 properties["assigned_client_identifier"] = client_id
+            if server_keepalive is not None:
+                properties["server_keep_alive"] = server_keepalive
+            if self.server.maximum_qos < 2:
+                properties["maximum_qos"] = self.server.maximum_qos
         # Our in-flight window towards the client: our limit, or its Receive Maximum.
         session.window.set_max_inflight(min(config.max_inflight, client_receive_maximum))
         if present and acl is not None:
-            # The user may differ from last time, or the rules may have changed: queued
-            # messages it may no longer read are dropped (as Mosquitto does on connect).
-            session.window.retain_only(lambda m: session.may_read(m.topic))
-        self._write(encode(codec.ConnAck(present, 0, properties), level))
+            # The user may differ from last time (another user with this client id takes
+            # the session over), or the rules may have changed: subscriptions it may not
+            # make, and queued and in-flight messages it may not read, are dropped (hole 1
+            # of issue 14; Mosquitto 2.0 drops the messages on connect too).
+            if new_owner:
+                log.info("client %s: session taken over by user %r: kept only as far as its rights allow",
+                         client_id, self.username)
+                session.restrict_to_owner()
+            else:
+                session.window.retain_only(lambda m: session.may_read(m.topic))
+        # MQTT 3.1 has no session present flag: its first CONNACK byte is reserved.
+        connack = encode(codec.ConnAck(present and level >= codec.MQTT_311, 0, properties), level)
+        if self.max_out and len(connack) > self.max_out:
+            connack = self._shrink_connack(present, properties)
+            if connack is None:
+                return
+        self._write(connack)
         log.debug(
             "client %s connected from %s (MQTT level %d, session %s)",
             client_id, self.peer, level, "resumed" if present else "new",
@@ -314,6 +419,26 @@ class Connection(asyncio.Protocol):
                 else:
                     self.send(message)  # DUP when it went out before
             session.count_drops()
+
+    def _shrink_connack(self, present: bool, properties: dict[str, Any]) -> bytes | None:
+        """MQTT-3.1.2-24: no packet larger than the client's Maximum Packet Size, CONNACK
+        included. Properties the client assumes anyway (defaults) go first, then the topic
+        alias maximum (without it the client uses no aliases); what is left the client must
+        be told, and when even that does not fit, the connection closes without a CONNACK."""
+        optional = {"retain_available": 1, "wildcard_subscription_available": 1,
+                    "shared_subscription_available": 1, "subscription_identifier_available": 1}
+        kept = {k: v for k, v in properties.items() if optional.get(k) != v}
+        connack = encode(codec.ConnAck(present, 0, kept), MQTT_5)
+        if len(connack) > self.max_out and kept.pop("topic_alias_maximum", None) is not None:
+            self.aliases = None  # not announced: an alias from this client is then an error
+            connack = encode(codec.ConnAck(present, 0, kept), MQTT_5)
+        if len(connack) <= self.max_out:
+            return connack
+        log.info("client %s (%s): closing: its maximum packet size %d is below the %d-byte CONNACK",
+                 self.client_id, self.peer, self.max_out, len(connack))
+        self.will = None  # never connected, as far as the client can know
+        self._close()
+        return None
 
     # ------------------------------------------------------------------ packets in
 
@@ -348,19 +473,34 @@ class Connection(asyncio.Protocol):
                 if self.aliases is None:
                     raise MQTTError(RC_TOPIC_ALIAS_INVALID, "topic aliases are not enabled (topic_alias_maximum 0)")
                 topic = self.aliases.resolve(topic, alias)
-            if alias is not None or "subscription_identifier" in properties:
-                # Neither belongs to the message: an alias is this connection's shorthand,
-                # identifiers are the receiver's.
-                properties = {
-                    k: v for k, v in properties.items() if k != "topic_alias" and k != "subscription_identifier"
-                }
+            if "subscription_identifier" in properties:
+                # Identifiers are the receiver's, set by the server (MQTT-3.3.4-6).
+                raise MQTTError(codec.PROTOCOL_ERROR, "PUBLISH from a client with a subscription identifier")
+            if alias is not None:
+                # An alias is this connection's shorthand, not part of the message.
+                properties = {k: v for k, v in properties.items() if k != "topic_alias"}
             properties = properties or None
         else:
             properties = None
         if not topic:
             raise MQTTError(codec.PROTOCOL_ERROR, "PUBLISH with an empty topic and no topic alias")
         qos = packet.qos
+        if qos > self.server.maximum_qos:
+            raise MQTTError(RC_QOS_NOT_SUPPORTED, f"PUBLISH at QoS {qos}, above maximum_qos {self.server.maximum_qos}")
+        if packet.retain and not self.config.retain_available:
+            raise MQTTError(RC_RETAIN_NOT_SUPPORTED, "retained PUBLISH with retain_available false")
         allowed = self._may_write(topic)
+        if allowed and topic[0] == "$":  # the node's own topics: it has rules of its own
+            allowed = self.broker.may_publish(topic, session)
+        limit = self.config.message_size_limit
+        if limit and len(packet.payload) > limit and allowed:
+            # Mosquitto's message_size_limit: not delivered, but the QoS flow completes (MQTT 5:
+            # "implementation specific error"), and the connection stays.
+            self.server.drop("mqtt_message_size_limit", f"client {self.client_id}: {len(packet.payload)}-byte payload")
+            if qos:
+                assert packet.packet_id is not None
+                self._ack(0x40 if qos == 1 else 0x50, packet.packet_id, RC_IMPLEMENTATION_SPECIFIC)
+            return
         if qos == 0:
             if allowed:
                 self._publish(session, topic, packet.payload, 0, packet.retain, properties)
@@ -392,7 +532,7 @@ class Connection(asyncio.Protocol):
         server = self.server
         server.publishing = session  # for MQTT 5 no local: this client's own subscriptions skip it
         try:
-            return self.node.publish_nowait(topic, payload, qos, retain, properties)
+            return self.broker.publish_nowait(topic, payload, qos, retain, properties)
         finally:
             server.publishing = None
 
@@ -425,18 +565,23 @@ class Connection(asyncio.Protocol):
     def _release_acks(self) -> None:
         while self._held_acks and (self._held_acks[0][0] is None or self._held_acks[0][0].done()):
             durable, data, header, packet_id = self._held_acks.popleft()
-            if durable is not None and durable.exception() is not None:
-                # Not on disk: never acknowledge it. MQTT 5 says why; 3.1.1 has no way to,
-                # so the connection closes and the client sends the message again.
+            error = durable.exception() if durable is not None else None
+            if error is not None:
+                # Not on disk, or refused by the mesh's flow control (DeliveryRefused, past
+                # delivery's bounds: 0x97 quota exceeded): never acknowledge it. MQTT 5 says
+                # why; 3.1.1 has no way to, so the connection closes and the client sends
+                # the message again.
+                code = getattr(error, "reason_code", RC_UNSPECIFIED)
                 if self.level != MQTT_5:
-                    self._fail(RC_UNSPECIFIED, "retained message could not be stored")
+                    self._fail(code, str(error) if code != RC_UNSPECIFIED else "retained message could not be stored")
                     return
-                data = bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((RC_UNSPECIFIED,))
+                data = bytes((header, 3)) + packet_id.to_bytes(2, "big") + bytes((code,))
             self._write(data)
 
     def _on_puback(self, packet: PubAck) -> None:
         session = self.session
         if session is not None:
+            _check_ack(session, "PUBACK", packet.packet_id)
             for message in session.window.acknowledge(packet.packet_id, time.monotonic()):
                 self.send(message)
 
@@ -445,6 +590,7 @@ class Connection(asyncio.Protocol):
         if session is None:
             return
         packet_id = packet.packet_id
+        _check_ack(session, "PUBREC", packet_id)
         if packet.reason_code >= 0x80:
             # MQTT 5: the client refused the message; the QoS 2 flow ends with this PUBREC.
             for message in session.window.complete(packet_id, time.monotonic()):
@@ -464,18 +610,25 @@ class Connection(asyncio.Protocol):
     def _on_pubcomp(self, packet: PubComp) -> None:
         session = self.session
         if session is not None:
+            _check_ack(session, "PUBCOMP", packet.packet_id)
             for message in session.window.complete(packet.packet_id, time.monotonic()):
                 self.send(message)
 
-    def _on_subscribe(self, packet: Subscribe) -> None:
+    def _on_subscribe(self, packet: Subscribe) -> object:
         session = self.session
         if session is None:
             raise MQTTError(codec.PROTOCOL_ERROR, "SUBSCRIBE before CONNECT")
+        return self._in_slices(self._subscribe_steps(session, packet))
+
+    def _subscribe_steps(self, session: Session, packet: Subscribe) -> Iterator[None]:
         v5 = self.level == MQTT_5
         identifier = packet.properties.get("subscription_identifier", 0) if v5 else 0
         granted: list[tuple[str, SubscriptionOptions, bool]] = []
         codes = []
+        limit = self.config.max_subscriptions
+        new: set[str] = set()  # filters this SUBSCRIBE adds (a replaced one is not new)
         for request in packet.subscriptions:
+            yield
             filt = request.filter
             try:
                 topics.validate_topic_filter(filt)
@@ -490,25 +643,38 @@ class Connection(asyncio.Protocol):
                 log.info("client %s: ACL denies subscribing to %s", self.client_id, filt)
                 codes.append(RC_NOT_AUTHORIZED if v5 else 0x80)
                 continue
+            existed = filt in session.subscriptions
+            if limit and not existed and filt not in new and len(session.subscriptions) + len(new) >= limit:
+                self.server.drop("mqtt_max_subscriptions", f"client {self.client_id}: more than {limit} subscriptions")
+                codes.append(codec.QUOTA_EXCEEDED if v5 else 0x80)
+                continue
+            if not existed:
+                new.add(filt)
             options = SubscriptionOptions(
-                min(request.qos, MAX_GRANTED_QOS), request.no_local, request.retain_as_published,
+                min(request.qos, self.server.maximum_qos), request.no_local, request.retain_as_published,
                 request.retain_handling if v5 else 0, identifier,
             )
             codes.append(options.qos)
             # Retained messages: always at 3.1.1 and with retain handling 0, only for a new
             # subscription with 1, never with 2 (section 3.3.1.3).
-            existed = filt in session.subscriptions
             replay = options.retain_handling == 0 or (options.retain_handling == 1 and not existed)
             granted.append((filt, options, replay))
         self._write(encode(codec.SubAck(packet.packet_id, codes), self.level))
         for filt, options, replay in granted:  # after SUBACK, so retained messages follow it
+            yield
             session.subscribe(filt, options, replay)
 
-    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+    def _on_unsubscribe(self, packet: Unsubscribe) -> object:
         session = self.session
         if session is None:
             raise MQTTError(codec.PROTOCOL_ERROR, "UNSUBSCRIBE before CONNECT")
-        codes = [0 if session.unsubscribe(f) else RC_NO_SUBSCRIPTION for f in packet.filters]
+        return self._in_slices(self._unsubscribe_steps(session, packet))
+
+    def _unsubscribe_steps(self, session: Session, packet: Unsubscribe) -> Iterator[None]:
+        codes = []
+        for f in packet.filters:
+            yield
+            codes.append(0 if session.unsubscribe(f) else RC_NO_SUBSCRIPTION)
         self._write(encode(codec.UnsubAck(packet.packet_id, codes if self.level == MQTT_5 else []), self.level))
 
     def _on_pingreq(self, packet: PingReq) -> None:
@@ -521,7 +687,7 @@ class Connection(asyncio.Protocol):
             if expiry is not None:
                 if not session.expiry and expiry:
                     raise MQTTError(codec.PROTOCOL_ERROR, "DISCONNECT sets a session expiry after CONNECT set 0")
-                session.expiry = expiry
+                self.server.sessions.set_expiry(session, expiry)
         if not (self.level == MQTT_5 and packet.reason_code == RC_DISCONNECT_WITH_WILL):
             self.will = None  # a clean DISCONNECT discards the will
         self.closing = True
@@ -625,10 +791,18 @@ class Connection(asyncio.Protocol):
         # throughput needs), except a lone one: after LONE_WRITE_GAP of quiet a packet goes
         # out at once, since waiting a turn to coalesce only adds latency to it. Nothing is
         # queued in _out while no flush is scheduled, so writing directly keeps the order.
+        # With sessions on disk, nothing leaves while session changes are uncommitted: the
+        # packet waits for _flush_out, which commits first (the write-ahead rule of
+        # zmesh.mqtt.sessionstore: no PUBACK, PUBREC, PUBCOMP, PUBREL or QoS 2 PUBLISH
+        # before the state it implies is on disk).
         if not self._flush_scheduled:
             now = time.monotonic()
             transport = self.transport
-            if now - self._last_write > LONE_WRITE_GAP and transport is not None and not transport.is_closing():
+            persistence = self.server.persistence
+            if (
+                now - self._last_write > LONE_WRITE_GAP and transport is not None and not transport.is_closing()
+                and (persistence is None or not persistence.pending)
+            ):
                 self._last_write = now
                 transport.write(data)
                 return
@@ -638,6 +812,9 @@ class Connection(asyncio.Protocol):
 
     def _flush_out(self) -> None:
         self._flush_scheduled = False
+        persistence = self.server.persistence
+        if persistence is not None and persistence.pending:
+            persistence.flush()  # one commit for every connection's packets of this turn
         self._last_write = time.monotonic()
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
@@ -646,6 +823,14 @@ class Connection(asyncio.Protocol):
             self._out.clear()
 
     # ------------------------------------------------------------------ endings
+
+    def _refuse_v5_or_close(self, code_5: int, why: str) -> None:
+        """Refuse a CONNECT with an MQTT 5 reason; 3.1.1 has no code for it: just close."""
+        if self.level == MQTT_5:
+            self._refuse(0, code_5, why)
+            return
+        log.info("client from %s refused: %s", self.peer, why)
+        self._close()
 
     def _refuse(self, code_311: int, code_5: int, why: str) -> None:
         log.info("client from %s refused: %s", self.peer, why)
@@ -694,13 +879,42 @@ class Connection(asyncio.Protocol):
             self.transport.abort()  # a silent peer may never read what we write
 
 
+def _check_ack(session: Session, kind: str, packet_id: int) -> None:
+    """An acknowledgement of the wrong type for a message in flight is a protocol violation
+    (3.1.1 MQTT-4.8.0-1, MQTT 5 section 4.13): the connection closes. One for a packet id
+    not in flight is ignored (a client may acknowledge twice after a retransmission)."""
+    problem = session.window.wrong_ack(kind, packet_id)
+    if problem is not None:
+        raise MQTTError(codec.PROTOCOL_ERROR, problem)
+
+
 class MQTTServer:
-    def __init__(self, node: Node, config: MqttConfig) -> None:
-        self.node = node
+    def __init__(
+        self,
+        broker: Broker,
+        config: MqttConfig,
+        auth: Authority | None,
+        source: str,
+        drops: Drops | None = None,
+        persistence: SessionPersistence | None = None,
+        stored_sessions: list[StoredSession] | None = None,
+    ) -> None:
+        self.broker = broker
         self.config = config
+        # Refused input and dropped messages, counted by reason and logged rate-limited.
+        self.drops = drops if drops is not None else Drops(log)
+        self.queue_budget = QueueBudget(config.max_queued_bytes_total)
+        self.maximum_qos = min(config.maximum_qos, MAX_GRANTED_QOS)
+        self.auth = auth  # users and ACLs (None: allow all)
+        self.source = source  # the config file, named in listener errors
+        self.stopped = False
         self.connections: set[Connection] = set()
         # Sessions by client id; they outlive connections (zmesh.mqtt.sessions).
-        self.sessions = SessionStore(self, asyncio.get_running_loop().call_later, self._publish_will)
+        # With a data_dir, persistent sessions are on disk too (zmesh.mqtt.sessionstore);
+        # ``stored_sessions`` (read from it) are restored at start, before any listener opens.
+        self.persistence = persistence
+        self._stored_sessions = stored_sessions or []
+        self.sessions = SessionStore(self, asyncio.get_running_loop().call_later, self._publish_will, persistence)
         self.publishing: Session | None = None  # whose PUBLISH is being routed (MQTT 5 no local)
         self.refused_logins_total = 0
         self.address: tuple[str, int] | None = None  # the first listener's, as bound
@@ -710,15 +924,18 @@ class MQTTServer:
         self._listeners: ListenerSet | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
 
+    def drop(self, reason: str, detail: str = "", count: int = 1) -> None:
+        self.drops.drop(reason, detail, count)
+
     def _publish_will(self, session: Session, will: codec.Will) -> None:
         """Publish a will, to this node's subscribers and the whole mesh. Like Mosquitto,
         the write ACL decides at this moment, for the user the session had."""
-        if self.node.mqtt_server is not self:
-            return  # the node has stopped (a timer that outlived it)
+        if self.stopped:
+            return  # the server has stopped (a timer that outlived it)
         topic = will.topic
         if topic.startswith("$SYS") or (
             session.auth is not None and not session.auth.authorize(session.username, session.client_id, topic, "write")
-        ):
+        ) or (topic[:1] == "$" and not self.broker.may_publish(topic, session)):
             log.info("client %s: will to %s not published: not authorized", session.client_id, topic)
             return
         properties = will.properties
@@ -726,19 +943,30 @@ class MQTTServer:
             properties = {k: v for k, v in properties.items() if k != "will_delay_interval"}
         log.info("client %s: publishing its will to %s", session.client_id, topic)
         try:
-            durable = self.node.publish_nowait(topic, will.payload, will.qos, will.retain, properties or None)
+            durable = self.broker.publish_nowait(topic, will.payload, will.qos, will.retain, properties or None)
         except topics.TopicError as exc:
             log.warning("client %s: will not published: %s", session.client_id, exc)
             return
         if durable is not None:  # nobody awaits a will's disk write: only collect its outcome
             durable.add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    def restore_sessions(self) -> None:
+        """Put the sessions read from disk back (their subscriptions in the router); once.
+        The node calls it before its mesh starts; ``start`` does if nobody did."""
+        if self.persistence is None or not self._stored_sessions:
+            return
+        stored, self._stored_sessions = self._stored_sessions, []
+        restored = self.sessions.restore(stored, time.time(), time.monotonic())
+        log.info("%s: %d persistent sessions restored (%d expired while the node was down, or refused)",
+                 self.persistence.disk.path, restored, len(stored) - restored)
+
     async def start(self) -> None:
         """Open every listener (``mqtt.listen``, then ``[[mqtt.listeners]]``); a listener
         that cannot start raises ``ListenerError`` (a ValueError) naming its config key."""
         listeners = self.config.all_listeners
         assert listeners, "no MQTT listener configured"
-        self._listeners = ListenerSet(lambda: Connection(self), self.node.config.source)
+        self.restore_sessions()
+        self._listeners = ListenerSet(lambda: Connection(self), self.source)
         await self._listeners.open(listeners)
         self.addresses = self._listeners.addresses
         self.address = self.addresses[0]
@@ -754,10 +982,21 @@ class MQTTServer:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for connection in list(self.connections):
-                if connection.keepalive and now - connection.last_rx > connection.keepalive:
+                if not connection.connected:
+                    # The CONNECT deadline counts from accept, not from the last byte: a
+                    # client trickling its CONNECT one byte at a time still has CONNECT_TIMEOUT.
+                    if now - connection.accepted_at > CONNECT_TIMEOUT:
+                        connection.expire_keepalive()
+                elif connection.keepalive and now - connection.last_rx > connection.keepalive:
                     connection.expire_keepalive()
 
+    def stop_accepting(self) -> None:
+        """Take no new connections (the start of a drain); open ones stay until ``stop``."""
+        if self._listeners is not None:
+            self._listeners.stop_accepting()
+
     async def stop(self) -> None:
+        self.stopped = True
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         if self._listeners is not None:

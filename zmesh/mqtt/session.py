@@ -47,21 +47,62 @@ class Outgoing:
     released: bool = False
     # Sent at least once on some connection: a resend carries DUP.
     sent: bool = False
-    # A shared subscription's message (zmesh.shared): called once with True when it is done
+    # A shared subscription's message (zmesh.jobs.shared): called once with True when it is done
     # with here (acknowledged, or expired), False when dropped undelivered (another member
     # of the group should get it).
     settle: Callable[[bool], None] | None = None
+    # What it counts against the node's QueueBudget while held (set on admission).
+    cost: int = 0
+    # Its number in the session's on-disk copy (zmesh.mqtt.sessionstore), given on admission
+    # when the session is persisted; 0: not persisted (a shared subscription's message: its
+    # job is redelivered by the job service instead).
+    seq: int = 0
+
+
+# Memory one held message costs beyond its topic and payload (the Outgoing, its strings'
+# headers, the queue slot): measured ~198 B per queued message in issue 14.
+MESSAGE_OVERHEAD = 200
+
+DROP_QUEUE_FULL = "mqtt_queue_full"  # max_queued: the oldest queued message went
+DROP_QUEUED_BYTES = "mqtt_queued_bytes"  # max_queued_bytes: the new message went
+DROP_QUEUE_BUDGET = "mqtt_queue_budget"  # max_queued_bytes_total (node-wide): the new message went
+DROP_NOT_READABLE = "mqtt_read_denied"  # held for a session whose new owner may not read it
+
+
+class QueueBudget:
+    """Bytes of QoS 1/2 messages the node holds for its clients, queued and in flight, all
+    sessions together (``mqtt.max_queued_bytes_total``; 0: no limit). Each held message
+    counts its payload, topic and MESSAGE_OVERHEAD, so the figure follows memory."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def full(self) -> bool:
+        return 0 < self.limit <= self.used
 
 
 class OutboundWindow:
-    def __init__(self, max_inflight: int, max_queued: int) -> None:
+    def __init__(
+        self, max_inflight: int, max_queued: int, max_queued_bytes: int = 0, budget: QueueBudget | None = None
+    ) -> None:
         self.max_inflight = max(1, max_inflight)
         self.max_queued = max_queued
+        # Mosquitto's max_queued_bytes: payload bytes of queued (not in flight) messages;
+        # while the queue holds this much, a new message is dropped (0: no limit).
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
+        self.budget = budget
         self.inflight: dict[int, Outgoing] = {}  # insertion order is send order
         self.queue: deque[Outgoing] = deque()
-        self.dropped = 0  # queue overflow (oldest first)
+        self.dropped = 0  # every message dropped here, whatever the reason
+        self.drops: dict[str, int] = {}  # the same, by reason (DROP_*)
         self.expired = 0  # message expiry passed while queued
         self._next_id = 0
+        # Told of every change a disk copy must follow (message, still held?); None: the
+        # session is not persisted. Messages are numbered (``seq``) on admission for it.
+        self.on_change: Callable[[Outgoing, bool], None] | None = None
+        self.last_seq = 0
 
     def _allocate(self) -> int:
         # Packet ids are 1..65535 and must not collide with one still in flight.
@@ -71,21 +112,54 @@ class OutboundWindow:
                 return self._next_id
         raise RuntimeError("no free packet id")  # impossible while max_inflight < 65535
 
+    def _hold(self, message: Outgoing) -> None:
+        if self.budget is not None:
+            message.cost = len(message.payload) + len(message.topic) + MESSAGE_OVERHEAD
+            self.budget.used += message.cost
+        if self.on_change is not None and message.settle is None:
+            self.last_seq += 1
+            message.seq = self.last_seq
+            self.on_change(message, True)
+
+    def _release(self, message: Outgoing) -> None:
+        # Every way out of the window passes here (acknowledged, completed, expired, dropped).
+        if message.cost:
+            self.budget.used -= message.cost  # type: ignore[union-attr]  # cost is set only with a budget
+            message.cost = 0
+        if message.seq and self.on_change is not None:
+            self.on_change(message, False)
+
+    def _drop(self, message: Outgoing, reason: str) -> None:
+        self.dropped += 1
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        self._release(message)
+        _settle(message, False)
+
     def offer(self, message: Outgoing, online: bool = True, now: float = 0.0) -> Outgoing | None:
         """Accept a message; returns it (with its packet id) if it may be sent now.
 
         Offline (no connection) nothing is sent: the message waits in the queue."""
+        if self.budget is not None and self.budget.full():
+            self._drop(message, DROP_QUEUE_BUDGET)  # the node holds all it may for its clients
+            return None
         if online and len(self.inflight) < self.max_inflight and not self.queue:
             message.packet_id = self._allocate()
             self.inflight[message.packet_id] = message
+            self._hold(message)
             return message
+        if self.max_queued_bytes and self.queued_bytes >= self.max_queued_bytes:
+            self._drop(message, DROP_QUEUED_BYTES)  # as Mosquitto: the new one goes
+            return None
         if len(self.queue) >= self.max_queued:
-            self.dropped += 1
             if not self.queue:  # max_queued 0: nothing may wait, this one goes
-                _settle(message, False)
+                self._drop(message, DROP_QUEUE_FULL)
                 return None
-            _settle(self.queue.popleft(), False)  # the oldest goes: a returning client wants the latest
+            oldest = self.queue.popleft()  # the oldest goes: a returning client wants the latest
+            self.queued_bytes -= len(oldest.payload)
+            self._drop(oldest, DROP_QUEUE_FULL)
         self.queue.append(message)
+        self.queued_bytes += len(message.payload)
+        self._hold(message)
         return None
 
     def acknowledge(self, packet_id: int, now: float = 0.0) -> list[Outgoing]:
@@ -96,6 +170,7 @@ class OutboundWindow:
         if message is None or message.qos != 1:
             return []
         del self.inflight[packet_id]
+        self._release(message)
         released = self.fill(now)
         _settle(message, True)
         return released
@@ -107,8 +182,14 @@ class OutboundWindow:
         if message is None or message.qos != 2:
             return False
         message.released = True
+        if message.cost:
+            freed = min(len(message.payload), message.cost)
+            message.cost -= freed
+            self.budget.used -= freed  # type: ignore[union-attr]  # cost is set only with a budget
         message.payload = b""  # never sent again: free it now
         message.properties = None
+        if message.seq and self.on_change is not None:
+            self.on_change(message, True)  # on disk as "PUBREL stage" before PUBREL leaves
         return True
 
     def complete(self, packet_id: int, now: float = 0.0) -> list[Outgoing]:
@@ -117,9 +198,24 @@ class OutboundWindow:
         if message is None or message.qos != 2:
             return []
         del self.inflight[packet_id]
+        self._release(message)
         released = self.fill(now)
         _settle(message, True)
         return released
+
+    def wrong_ack(self, kind: str, packet_id: int) -> str | None:
+        """Why ``kind`` (PUBACK, PUBREC, PUBCOMP) cannot answer the message in flight under
+        ``packet_id``, or None when it can or when nothing is in flight under that id."""
+        message = self.inflight.get(packet_id)
+        if message is None:
+            return None
+        if message.qos == 1:
+            return None if kind == "PUBACK" else f"{kind} answering QoS 1 PUBLISH {packet_id}"
+        if kind == "PUBACK":
+            return f"PUBACK answering QoS 2 {'PUBREL' if message.released else 'PUBLISH'} {packet_id}"
+        if kind == "PUBCOMP" and not message.released:
+            return f"PUBCOMP before PUBREC for QoS 2 PUBLISH {packet_id}"
+        return None
 
     def fill(self, now: float = 0.0) -> list[Outgoing]:
         """Move queued messages into free in-flight slots; expired ones are dropped."""
@@ -127,14 +223,51 @@ class OutboundWindow:
         queue, inflight = self.queue, self.inflight
         while queue and len(inflight) < self.max_inflight:
             message = queue.popleft()
+            self.queued_bytes -= len(message.payload)
             if message.expires_at and message.expires_at <= now:
                 self.expired += 1
+                self._release(message)
                 _settle(message, True)  # expired: nobody is to get it any more
                 continue
             message.packet_id = self._allocate()
             inflight[message.packet_id] = message
             released.append(message)
+            if message.seq and self.on_change is not None:
+                self.on_change(message, True)  # its packet id is on disk before it is sent
         return released
+
+    def restore(self, messages: list[Outgoing], last_seq: int, now: float = 0.0) -> None:
+        """Refill an empty window from a disk copy (``messages`` in ``seq`` order: the
+        in-flight ones, with their packet ids, before the queued ones, packet id 0). A
+        message whose expiry passed is dropped; beyond ``max_queued`` the oldest queued go,
+        counted as on ``offer``. Nothing is reported to ``on_change`` (the disk has it)."""
+        on_change, self.on_change = self.on_change, None
+        gone: list[Outgoing] = []
+        try:
+            for message in messages:
+                if message.expires_at and message.expires_at <= now:
+                    self.expired += 1
+                    gone.append(message)
+                    continue
+                if message.packet_id and message.packet_id not in self.inflight:
+                    self.inflight[message.packet_id] = message
+                    self._next_id = max(self._next_id, message.packet_id)
+                else:
+                    message.packet_id = 0
+                    self.queue.append(message)
+                    self.queued_bytes += len(message.payload)
+                self._hold(message)
+            while len(self.queue) > self.max_queued:
+                oldest = self.queue.popleft()
+                self.queued_bytes -= len(oldest.payload)
+                self._drop(oldest, DROP_QUEUE_FULL)
+                gone.append(oldest)
+        finally:
+            self.on_change = on_change
+        self.last_seq = max(self.last_seq, last_seq, *(m.seq for m in messages))
+        if on_change is not None:
+            for message in gone:  # what the disk copy still holds and the window did not take
+                on_change(message, False)
 
     def resume(self, now: float = 0.0) -> list[Outgoing]:
         """On reconnect: every unacknowledged message again (oldest first; the caller sends
@@ -149,16 +282,33 @@ class OutboundWindow:
         return list(self.inflight.values())
 
     def retain_only(self, keep: Any) -> int:
-        """Drop queued messages for which ``keep(message)`` is false; returns how many."""
+        """Drop queued messages for which ``keep(message)`` is false; returns how many
+        (counted as dropped)."""
         before = len(self.queue)
         kept: deque[Outgoing] = deque()
         for message in self.queue:
             if keep(message):
                 kept.append(message)
             else:
-                _settle(message, False)
+                self.queued_bytes -= len(message.payload)
+                self._drop(message, DROP_NOT_READABLE)
         self.queue = kept
-        return before - len(self.queue)
+        return before - len(kept)
+
+    def drop_inflight(self, keep: Any) -> int:
+        """Drop in-flight messages whose PUBLISH would be sent again and for which
+        ``keep(message)`` is false (a new owner of the session may not read them); a QoS 2
+        message past PUBREC stays (only its PUBREL is left, the payload is gone). Counted
+        as dropped; returns how many."""
+        gone = [pid for pid, m in self.inflight.items() if not m.released and not keep(m)]
+        for pid in gone:
+            self._drop(self.inflight.pop(pid), DROP_NOT_READABLE)
+        return len(gone)
+
+    def close(self) -> None:
+        """The session ended: what it held no longer counts against the node's budget."""
+        for message in (*self.inflight.values(), *self.queue):
+            self._release(message)
 
     def __len__(self) -> int:
         return len(self.inflight) + len(self.queue)
@@ -183,12 +333,16 @@ class InboundQoS2:
     def __init__(self, limit: int = 65535) -> None:
         self.limit = limit
         self.pending: set[int] = set()
+        # Told (packet id, pending?) of every change, for a disk copy; None: not persisted.
+        self.on_change: Callable[[int, bool], None] | None = None
 
     def received(self, packet_id: int) -> bool:
         """True if this PUBLISH is new and must be delivered; False for a duplicate."""
         if packet_id in self.pending:
             return False
         self.pending.add(packet_id)
+        if self.on_change is not None:
+            self.on_change(packet_id, True)
         return True
 
     def full(self) -> bool:
@@ -198,6 +352,8 @@ class InboundQoS2:
         """PUBREL: forget the id; False if it was unknown."""
         if packet_id in self.pending:
             self.pending.discard(packet_id)
+            if self.on_change is not None:
+                self.on_change(packet_id, False)
             return True
         return False
 

@@ -9,8 +9,12 @@ interval): QoS 1 and 2 messages then wait in its ``OutboundWindow`` (bounded by
 unacknowledged ones are sent again with DUP. QoS 0 messages for an absent client are not
 kept (Mosquitto's default, ``queue_qos0_messages false``).
 
-Sessions live in memory only: a node restart ends them all (clients see session_present 0
-and subscribe again, as after a Mosquitto restart without persistence).
+Without ``node.data_dir`` sessions live in memory only: a node restart ends them all
+(clients see session_present 0 and subscribe again, as after a Mosquitto restart without
+persistence). With it, every persistent session is mirrored to disk
+(``zmesh.mqtt.sessionstore``: what is durable when is said there) and restored at start,
+offline until its client returns, its expiry counted on the wall clock from when its
+client went away (from the restart, for a client connected when the node died).
 
 The delivery path is the hot path. For a client without ACLs and without MQTT 5
 subscription options it is: one attribute test, then the connection encodes and writes.
@@ -33,12 +37,15 @@ from zmesh.mqtt.session import (
     InboundQoS2,
     OutboundWindow,
     Outgoing,
+    QueueBudget,
     SubscriptionOptions,
     plan_delivery,
 )
 
 if TYPE_CHECKING:
     from zmesh.config import MqttConfig
+    from zmesh.mqtt.sessionstore import SessionPersistence, StoredSession
+    from zmesh.ports import Broker
 
 log = logging.getLogger("zmesh.mqtt")
 
@@ -68,9 +75,13 @@ class Hub(Protocol):
     """The MQTT server as sessions see it."""
 
     config: MqttConfig
-    node: Any
+    broker: Broker  # the node: router, retained replay, publishing
     dropped_total: int
     publishing: Session | None  # the session whose PUBLISH is being routed right now
+    queue_budget: QueueBudget  # bytes held for all sessions (mqtt.max_queued_bytes_total)
+
+    def drop(self, reason: str, detail: str = "", count: int = 1) -> None:
+        """Count (and log, rate-limited) refused input or a dropped message (zmesh.drops)."""
 
 
 class Session:
@@ -79,7 +90,7 @@ class Session:
     def __init__(self, hub: Hub, client_id: str) -> None:
         config = hub.config
         self.hub = hub
-        self.node = hub.node
+        self.broker = hub.broker
         self.client_id = client_id
         self.username: str | None = None
         self.conn: Link | None = None
@@ -90,7 +101,11 @@ class Session:
         # then consults the options of the matching subscriptions (else the router's
         # granted QoS is all there is to know).
         self.special = False
-        self.window = OutboundWindow(config.max_inflight, config.max_queued)
+        self._special_count = 0  # how many subscriptions are not plain: O(1) per change
+        # Every subscription's options in a trie, for _matching; built when the first
+        # special subscription arrives (a plain-only session never needs it), then kept.
+        self._options: topics.SubscriptionTrie[int] | None = None
+        self.window = OutboundWindow(config.max_inflight, config.max_queued, config.max_queued_bytes, hub.queue_budget)
         self.inbound_qos2 = InboundQoS2()
         self.auth: Authority | None = None
         self.pending_will: Will | None = None  # waiting out its will delay interval
@@ -98,15 +113,48 @@ class Session:
         self.expiry_timer: Any = None
         self.will_timer: Any = None
         self._dropped = 0
+        self._reported: dict[str, int] = {}  # window.drops already handed to hub.drop
         self._read: dict[str, bool] = {}
         self._read_generation = -1
         self._matches: dict[str, list[SubscriptionOptions]] = {}
         self._replay: SubscriptionOptions | None = None  # the subscription retained replay is for
+        # The disk copy (zmesh.mqtt.sessionstore) while the session is persistent and the
+        # node has a data_dir; None otherwise.
+        self.persist: SessionPersistence | None = None
+        self.offline_since: float | None = None  # wall clock: when its client went away
 
     def __repr__(self) -> str:
         return f"Session({self.client_id!r}, {'online' if self.conn else 'offline'})"
 
     # ------------------------------------------------------------------ access control
+
+    def set_owner(self, username: str | None, auth: Authority | None) -> bool:
+        """The user a (new or resumed) connection logged in as; True when it differs from
+        the session's previous owner. Read decisions are cached per topic for one owner
+        only: a new owner (another user connecting with this client id) starts afresh."""
+        changed = username != self.username or auth is not self.auth
+        self.username, self.auth = username, auth
+        if changed:
+            self._read.clear()
+            self._read_generation = -1
+        return changed
+
+    def restrict_to_owner(self) -> int:
+        """After a takeover by another user: what the session holds is kept only as far as
+        the new owner's rights allow. Subscriptions it may not make are removed; queued and
+        in-flight messages it may not read are dropped (counted), as Mosquitto 2.0 does for
+        the queue and the resent in-flight message. Returns how many messages went."""
+        auth = self.auth
+        if auth is None:
+            return 0
+        for filt in [f for f in self.subscriptions if not auth.authorize(self.username, self.client_id, f, "subscribe")]:
+            log.info("client %s: subscription %s removed: its new owner may not subscribe to it", self.client_id, filt)
+            self.unsubscribe(filt)
+        window = self.window
+        gone = window.retain_only(lambda m: self.may_read(m.topic))
+        gone += window.drop_inflight(lambda m: self.may_read(m.topic))
+        self.count_drops()
+        return gone
 
     def may_read(self, topic: str) -> bool:
         auth = self.auth
@@ -127,29 +175,47 @@ class Session:
 
     def subscribe(self, filt: str, options: SubscriptionOptions, replay: bool) -> None:
         """Add or replace one subscription; ``replay``: send the matching retained messages."""
+        self._options_changed(self.subscriptions.get(filt), options)
         self.subscriptions[filt] = options
-        self._options_changed()
+        if self._options is not None:
+            self._options.add(filt, 0, options)
         self._replay = options
+        if self.persist is not None:
+            self.persist.subscription(self, filt, options)
         try:
-            self.node.add_subscription(self, filt, options.qos, retained=replay)
+            self.broker.add_subscription(self, filt, options.qos, retained=replay)
         finally:
             self._replay = None
 
     def unsubscribe(self, filt: str) -> bool:
-        if self.subscriptions.pop(filt, None) is None:
+        old = self.subscriptions.pop(filt, None)
+        if old is None:
             return False
-        self._options_changed()
-        self.node.remove_subscription(self, filt)
+        self._options_changed(old, None)
+        if self._options is not None:
+            self._options.remove(filt, 0)
+        if self.persist is not None:
+            self.persist.subscription(self, filt, None)
+        self.broker.remove_subscription(self, filt)
         return True
 
-    def _options_changed(self) -> None:
+    def _options_changed(self, old: SubscriptionOptions | None, new: SubscriptionOptions | None) -> None:
+        # O(1) per subscription: a pass over all of them here made one SUBSCRIBE with
+        # 20,000 filters quadratic (issue 14, hole 2).
         self._matches.clear()
-        self.special = any(not o.plain for o in self.subscriptions.values())
+        self._special_count += (new is not None and not new.plain) - (old is not None and not old.plain)
+        self.special = self._special_count > 0
+        if self.special and self._options is None:
+            trie: topics.SubscriptionTrie[int] = topics.SubscriptionTrie()
+            for f, o in self.subscriptions.items():
+                trie.add(f, 0, o)
+            self._options = trie
 
     def _matching(self, topic: str) -> list[SubscriptionOptions]:
         found = self._matches.get(topic)
         if found is None:
-            found = [o for f, o in self.subscriptions.items() if topics.matches(f, topic)]
+            trie = self._options
+            found = [o for _, _, o in trie.match(topic)] if trie is not None else []
             if len(self._matches) >= MATCH_CACHE_LIMIT:
                 self._matches.clear()
             self._matches[topic] = found
@@ -174,7 +240,7 @@ class Session:
             matching = [self._replay] if retain and self._replay is not None else self._matching(topic)
             if matching:
                 plan = plan_delivery(
-                    matching, self.hub.publishing is self, retain, self.node.delivering_retained, qos
+                    matching, self.hub.publishing is self, retain, self.broker.delivering_retained, qos
                 )
                 if plan is None:
                     return  # no local: the client's own message
@@ -198,8 +264,7 @@ class Session:
         if sent is not None:
             conn.send(sent)  # type: ignore[union-attr]  # offer() sends only when online
         elif window.dropped != self._dropped:
-            self.hub.dropped_total += window.dropped - self._dropped
-            self._dropped = window.dropped
+            self.count_drops()
 
     def deliver_plain(self, topic: str, payloads: list[bytes], origin: str) -> None:
         """Many QoS 0 messages without properties (a batch from the mesh)."""
@@ -223,7 +288,7 @@ class Session:
         origin: str,
         settle: Callable[[bool], None],
     ) -> bool:
-        """A message of one of our shared subscriptions (zmesh.shared), for us alone among
+        """A message of one of our shared subscriptions (zmesh.jobs.shared), for us alone among
         the group's members. ``settle(True)`` once it is the client's (PUBACK, PUBCOMP; at
         once at QoS 0), ``settle(False)`` if it is dropped undelivered; kept in the window
         while the client is away. False: not taken (no read access, or QoS 0 while away)."""
@@ -253,6 +318,12 @@ class Session:
         if window.dropped != self._dropped:
             self.hub.dropped_total += window.dropped - self._dropped
             self._dropped = window.dropped
+            reported = self._reported
+            for reason, count in window.drops.items():
+                delta = count - reported.get(reason, 0)
+                if delta:
+                    reported[reason] = count
+                    self.hub.drop(reason, f"client {self.client_id}", delta)
 
 
 class SessionStore:
@@ -267,8 +338,12 @@ class SessionStore:
         hub: Hub,
         call_later: Callable[[float, Callable[[], None]], Any],
         publish_will: Callable[[Session, Will], None],
+        persistence: SessionPersistence | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.hub = hub
+        self._wall = wall  # when a client went away, on the clock that survives a restart
+        self.persistence = persistence  # the disk copy of persistent sessions (node.data_dir)
         self.max_sessions = hub.config.max_sessions
         self.persistent_expiration = hub.config.persistent_client_expiration
         self.sessions: dict[str, Session] = {}
@@ -299,6 +374,9 @@ class SessionStore:
         self.offline.pop(client_id, None)
         _cancel(session.expiry_timer)
         session.expiry_timer = None
+        session.offline_since = None
+        if session.persist is not None:
+            session.persist.session(session)
         if session.pending_will is not None:
             # Section 3.1.3.2.2: a new connection to the session before the will delay
             # interval has passed means the will is not sent.
@@ -307,12 +385,29 @@ class SessionStore:
             session.pending_will = None
         return session, True
 
+    def set_expiry(self, session: Session, expiry: int) -> None:
+        """The session expiry interval a CONNECT (or an MQTT 5 DISCONNECT) gave the session:
+        with a data_dir a session is on disk exactly while its expiry is not 0."""
+        session.expiry = expiry
+        persistence = self.persistence
+        if persistence is None or session.ended:
+            return
+        if expiry and session.persist is None:
+            persistence.attach(session)
+        elif not expiry and session.persist is not None:
+            persistence.detach(session)
+        elif session.persist is not None:
+            session.persist.session(session)
+
     def disconnected(self, session: Session, will: Will | None) -> None:
         """The session's connection went; ``will`` is its will unless a DISCONNECT (without
         reason 0x04) discarded it."""
         session.conn = None
         if session.ended:
             return
+        session.offline_since = self._wall()
+        if session.persist is not None:
+            session.persist.session(session)
         if will is not None:
             delay = will.properties.get("will_delay_interval", 0) if will.properties else 0
             if delay and session.expiry:
@@ -367,10 +462,60 @@ class SessionStore:
             del self.sessions[session.client_id]
         if self.offline.get(session.client_id) is session:
             del self.offline[session.client_id]
+        if session.persist is not None:
+            session.persist.detach(session)  # before the window lets go: its rows go whole
         session.subscriptions.clear()
+        session._options, session._special_count, session.special = None, 0, False
         session.count_drops()
-        self.hub.node.remove_subscriber(session)
+        session.window.close()
+        self.hub.broker.remove_subscriber(session)
         log.debug("client %s: session ended (%s)", session.client_id, why)
+
+    def restore(self, stored: list[StoredSession], wall: float, mono: float) -> int:
+        """Sessions read from disk at start (longest away first): each is registered with
+        the router for its subscriptions and waits offline for its client; one whose expiry
+        passed while the node was down is ended (and removed from disk). Returns how many
+        were restored."""
+        from zmesh.mqtt.sessionstore import restore_messages
+
+        persistence = self.persistence
+        assert persistence is not None, "restore needs the disk copy"
+        restored = 0
+        for st in stored:
+            # One pass over what the disk held, once at start.
+            if st.client_id in self.sessions:
+                continue
+            away = st.offline_since if st.offline_since is not None else wall
+            limit = st.expiry if st.expiry != NEVER else self.persistent_expiration
+            left = away + limit - wall if limit else None
+            session = Session(self.hub, st.client_id)
+            session.level, session.expiry, session.username = st.level, st.expiry, st.username
+            session.offline_since = away
+            if left is not None and left <= 0:
+                self.expired_total += 1
+                log.info("client %s: session expired while the node was down", st.client_id)
+                persistence.detach(session)
+                continue
+            for filt, options in st.subscriptions:
+                session.subscribe(filt, options, replay=False)
+            session.window.restore(restore_messages(st, wall, mono), st.last_seq, mono)
+            session.inbound_qos2.pending = set(st.inbound)
+            self.sessions[st.client_id] = session
+            self.offline[st.client_id] = session
+            # Followed from here on; the meta row is written again (offline_since was
+            # unknown for a client connected when the node died).
+            persistence.attach(session)
+            held = {m.seq for m in (*session.window.inflight.values(), *session.window.queue)}
+            for message in st.messages:
+                if message.seq not in held:  # expired while down, or past max_queued now
+                    persistence.message(st.client_id, message, False)
+            if left is not None:
+                session.expiry_timer = self._call_later(left, lambda s=session: self._expired(s))
+            restored += 1
+        while len(self.offline) > self.max_sessions:
+            self.evicted_total += 1
+            self.end(next(iter(self.offline.values())), "evicted")
+        return restored
 
     def close(self) -> None:
         """The server stops: no timer fires any more (in-memory sessions end with the node)."""
@@ -385,6 +530,7 @@ class SessionStore:
             "sessions": len(self.sessions),
             "sessions_offline": len(self.offline),
             "queued_offline": queued,
+            "queued_bytes": self.hub.queue_budget.used,  # held for clients, in flight and queued
             "sessions_expired_total": self.expired_total,
             "sessions_evicted_total": self.evicted_total,
         }

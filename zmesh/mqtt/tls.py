@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from zmesh.config import ListenerConfig
 from zmesh.mqtt.wrapped import LayerProtocol, WrappedTransport
-from zmesh.secretfile import read_secret_file
+from zmesh.security.secretfile import read_secret_file
 
 log = logging.getLogger("zmesh.mqtt")
 
@@ -28,6 +28,11 @@ _MIN_VERSION = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLS
 class ListenerError(ValueError):
     """A listener that cannot start; the message names the config file, the key and the
     file at fault, never a key's content."""
+
+    # Set when binding failed: the listener's key and address, and the errno.
+    key: str = ""
+    address: str = ""
+    errno: int | None = None
 
 
 class _EncryptedKey(Exception):
