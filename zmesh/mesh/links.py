@@ -185,3 +185,19 @@ def try_send(sock: zmq.asyncio.Socket, data: bytes) -> bool:
         return True
     except zmq.Again:
         return False  # handshake not done (IMMEDIATE) or peer gone: the next tick retries
+    finally:
+        rearm(sock)
+
+
+def rearm(sock: zmq.asyncio.Socket) -> None:
+    """Call after any send on a synchronous view of ``sock`` while a coroutine may be
+    awaiting ``sock.recv()``.
+
+    ZeroMQ's descriptor is edge-triggered, and a send processes the socket's pending
+    commands: the one saying "a message arrived" is consumed there, and the descriptor
+    never signals again while that message waits unread. pyzmq's own send checks for this;
+    a send on a synchronous view does not, and the awaiting recv slept for good (a DEALER's
+    sync answer was lost this way 1 run in ~10, and its delivery controls could be too).
+    Asking the asyncio socket for EVENTS makes pyzmq schedule the waiting recv (a no-op
+    when nobody waits): one getsockopt."""
+    sock.get(zmq.EVENTS)

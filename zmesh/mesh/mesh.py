@@ -35,7 +35,7 @@ from zmesh.drops import Drops
 from zmesh.mesh import credentials, inbound, streamwire, wire
 from zmesh.mesh.admission import Admission
 from zmesh.mesh.discovery import Hint
-from zmesh.mesh.links import NOBLOCK, EventReader, JobReader, Link, try_send
+from zmesh.mesh.links import NOBLOCK, EventReader, JobReader, Link, rearm, try_send
 from zmesh.mesh.membership import MEMBER_STATES, EventKind, Membership, Peer, PeerEvent, PeerState
 from zmesh.mesh.ratelimit import PeerLimits
 from zmesh.mesh.sync import TOO_LARGE, Replica, RetainedSync
@@ -1058,6 +1058,8 @@ class Mesh(RetainedSync):
             return True
         except zmq.Again:
             return False
+        finally:
+            rearm(sock)  # a DEALER's reader awaits recv on this socket (see rearm)
 
     # ------------------------------------------------------------------ events in
 
@@ -1128,6 +1130,8 @@ class Mesh(RetainedSync):
             return True
         except zmq.ZMQError:
             return False
+        finally:
+            rearm(self.router)  # the ROUTER's reader awaits recv_multipart (see rearm)
 
     def congested(self) -> bool:
         """Replaced by the node: True while a local subscriber is far behind."""
