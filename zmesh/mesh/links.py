@@ -32,7 +32,8 @@ class Link:
     """Our sockets towards one peer, and how far we have its retained state."""
 
     __slots__ = ("peer", "dealer", "reader", "sub", "sub_reader", "push", "tasks", "last_hello",
-                 "synced_upto", "max_seen", "sync_pending", "last_sync", "announced_seq", "announced_at")
+                 "synced_upto", "max_seen", "sync_pending", "last_sync", "announced_seq", "announced_at",
+                 "twins", "twins_at")
 
     def __init__(self, peer: Peer, dealer: zmq.asyncio.Socket) -> None:
         self.peer = peer
@@ -43,6 +44,10 @@ class Link:
         self.push: zmq.asyncio.Socket | None = None  # jobs to the peer's PULL, made on first use
         self.tasks: list[asyncio.Task[None]] = []
         self.last_hello = 0.0
+        # Two addresses both saying hello with this peer's key (a copied secret), and when
+        # that was last seen: our hellos name both while it lasts (see Mesh._hello).
+        self.twins: tuple[tuple[str, int], tuple[str, int]] | None = None
+        self.twins_at = 0.0
         self.reset_sync()
 
     def reset_sync(self) -> None:

@@ -337,9 +337,18 @@ class Mesh(RetainedSync):
         return sorted(self.membership.peers.values(), key=lambda p: (p.name, p.key))
 
     def _hello(self) -> wire.Hello:
-        known = tuple(
-            (p.key, p.host, p.control_port) for p in self.membership.up() if p.key in self.links
-        )
+        links, recent = self.links, time.monotonic() - self.membership.expiry
+        known = []
+        for p in self.membership.up():  # O(members): the hello lists them all anyway
+            link = links.get(p.key)
+            if link is None:
+                continue
+            known.append((p.key, p.host, p.control_port))
+            if link.twins is not None and link.twins_at > recent:
+                # Both holders of a copied key, whichever said hello last: each of them then
+                # hears of the other from our next hello. Listing only the last one, a holder
+                # whose hellos always reached us just before ours went out never heard.
+                known.extend((p.key, host, port) for host, port in link.twins if (host, port) != (p.host, p.control_port))
         return wire.Hello(
             name=self.name,
             version=wire.WIRE_VERSION,
@@ -348,7 +357,7 @@ class Mesh(RetainedSync):
             pub_port=self.pub_port,
             pull_port=self.pull_port,
             host=self.advertise_host,
-            peers=known,
+            peers=tuple(known),
             queues=tuple(sorted(self.local_queues.items())),
             retained_seq=self.retained_seq,
             cert=self.admission.own_chain if self.admission is not None else None,
@@ -552,8 +561,11 @@ class Mesh(RetainedSync):
         if (peer is None or peer.hello is None or peer.state not in MEMBER_STATES
                 or hello.incarnation == peer.hello.incarnation):
             return
-        if (host, hello.control_port) != (peer.host, peer.control_port) and \
-                time.monotonic() - peer.last_seen < self.membership.expiry:
+        now = time.monotonic()
+        if (host, hello.control_port) != (peer.host, peer.control_port) and now - peer.last_seen < self.membership.expiry:
+            link = self.links.get(key)
+            if link is not None:
+                link.twins, link.twins_at = ((peer.host, peer.control_port), (host, hello.control_port)), now
             self._warn_once(f"dupkey:{key}:{host}:{hello.control_port}", "two nodes present the key %s: %s at "
                             "%s:%d and %s at %s:%d (a secret copied to both?); they will flap", key,
                             peer.name, peer.host, peer.control_port, hello.name, host, hello.control_port,

@@ -17,5 +17,7 @@ def test_two_nodes_with_one_key_are_logged_on_both_sides(tmp_path: Path, nodes: 
     nodes.append(NodeProcess(tmp_path, "pod", certs, seeds=[hub.control_port]))
     nodes.append(NodeProcess(tmp_path, "pod2", certs, seeds=[hub.control_port]))
     wait_until(lambda: "two nodes present the key" in hub.output(), 30, "the hub to name the shared key")
-    wait_until(lambda: any("uses OUR key" in n.output() for n in nodes[1:]), 30,
-               "a holder of the shared key to say so")
+    # Both holders, whatever the order of their hellos: the hub's hellos (to one of them)
+    # and its welcomes (to each, answering its hello) name both addresses for the key.
+    wait_until(lambda: all("uses OUR key" in n.output() for n in nodes[1:]), 30,
+               "both holders of the shared key to say so")
