@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -95,9 +96,18 @@ class _RevocationListener:
             self.node._on_revocations(payload, origin)
 
 
-def _above_half(window: Any) -> bool:
-    """An MQTT session's outbound queue more than half full (by count or bytes)."""
-    return (window.max_queued and len(window.queue) * 2 > window.max_queued) or bool(
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _behind(window: Any, backlog: int) -> bool:
+    """An MQTT session's outbound queue past ``backlog`` messages (delivery.session_backlog)
+    or more than half full (by count or bytes). The backlog mark is what bounds latency
+    when a subscriber is slower than its publishers: half of max_queued (5,000 messages)
+    was ~0.8 s of queue at a paho subscriber's pace before its origins were slowed."""
+    queued = len(window.queue)
+    return queued > backlog or bool(window.max_queued and queued * 2 > window.max_queued) or bool(
         window.max_queued_bytes and window.queued_bytes * 2 > window.max_queued_bytes)
 
 
@@ -252,18 +262,21 @@ class Node:
         )
         if self.mesh_policy:
             self.mesh.may_publish = self.peer_may_publish
-        self.delivery = self._make_delivery(self.mesh, public.decode())
-        self.mesh.delivery = self.delivery
-        self.delivery.start()
-        self.delivery.set_interest(self.router.mesh_prefixes(), set())
         try:
+            # With a data_dir: sessions.db holds the persistent sessions, the receiver's
+            # stream positions and the origin's outbox, all committed together per turn.
+            stored = await self._open_session_store()
+            self.delivery = self._make_delivery(self.mesh, public.decode())
+            self.mesh.delivery = self.delivery
+            self.delivery.start()
+            await self._restore_outbox()
+            self.delivery.set_interest(self.router.mesh_prefixes(), set())
+            # A restarted subscriber node resumes each origin's stream where its sessions'
+            # queues (committed with the positions) left it: nothing lost, nothing twice.
+            self.delivery.restore_positions(self.stream_positions)
             if self.config.mqtt.all_listeners:
                 from zmesh.mqtt.server import MQTTServer
 
-                stored = await self._open_session_store()
-                # A restarted subscriber node resumes each origin's stream where its sessions'
-                # queues (committed with the positions) left it: nothing lost, nothing twice.
-                self.delivery.restore_positions(self.stream_positions)
                 self.mqtt_server = MQTTServer(
                     self, self.config.mqtt, self.auth, self.config.source, self.drops,
                     self.session_persistence, stored,
@@ -325,6 +338,37 @@ class Node:
         self.session_persistence = SessionPersistence(disk, asyncio.get_running_loop().call_soon)
         return stored
 
+    async def _restore_outbox(self) -> None:
+        """A restarted origin's outbox, as committed: the same epochs and numbers, so its
+        receivers get every message they had not acknowledged, once, in order (docs/delivery.md §9)."""
+        persistence, delivery = self.session_persistence, self.delivery
+        if persistence is None or delivery is None:
+            return
+        outbox = delivery.outbox
+        config = outbox.config
+        from zmesh.mesh.outbox import ENTRY_OVERHEAD
+
+        stored = await asyncio.to_thread(persistence.disk.load_outbox, config.max_bytes // ENTRY_OVERHEAD + 1,
+                                         config.max_destinations)
+        delivery.restore_interest(stored.interest)
+        if not stored.streams and not stored.entries:
+            return
+        now, now_ms = time.monotonic(), time.time_ns() // 1_000_000
+        try:  # into a scratch outbox first: a refused store must leave the real one empty
+            type(outbox)(config, lambda: 1).restore(stored.streams, stored.entries, now, now_ms,
+                                                   stored.released_until_ms)
+        except ValueError as exc:
+            log.error("%s: the stored outbox was refused and is discarded (receivers will report what it "
+                      "held as lost): %s", persistence.disk.path, exc)
+            await asyncio.to_thread(persistence.disk.clear_outbox)
+            return
+        outbox.restore(stored.streams, stored.entries, now, now_ms, stored.released_until_ms)
+        for dest in list(outbox.streams):
+            outbox.attach(dest, False)  # until the peer is up (Delivery.peer_up): not before
+        held = sum(len(s.entries) for s in outbox.streams.values())
+        log.info("%s: outbox restored: %d messages unacknowledged for %d destinations",
+                 persistence.disk.path, held, len(outbox.streams))
+
     def _make_delivery(self, mesh: Mesh, own_key: str) -> Delivery:
         d = self.config.delivery
         settings = DeliverySettings(
@@ -337,8 +381,6 @@ class Node:
             stop_timeout=d.stop_timeout,
             interest_repeat=self.config.mesh.heartbeat_interval,
         )
-        # The outbox is in memory here; a disk store for data_dir attaches through the
-        # outbox's journal (docs/delivery.md §9) once it exists.
         def send_control(key: str, data: bytes) -> None:
             # With persistent sessions, an acknowledgement leaves only once what it
             # acknowledges is on disk (the queue entries and the stream position, one
@@ -349,9 +391,11 @@ class Node:
             else:
                 mesh.send_delivery(key, data)
 
+        persistence = self.session_persistence
         return Delivery(
             own_key, settings, mesh.send_stream, send_control, self._on_stream, self._on_gaps,
             self.drops.drop, self._stream_congested, mesh._label,
+            journal=persistence.outbox_journal() if persistence is not None else None,
         )
 
     def _store_keys(self) -> tuple[bytes | None, list[bytes]]:
@@ -560,7 +604,15 @@ class Node:
             if qos:
                 # Numbered, acknowledged and recovered across nodes (zmesh.mesh.delivery);
                 # the future, when there is one, holds the PUBACK (flow control).
-                return self.delivery.publish(encoded, topic, payload, qos, properties)  # type: ignore[union-attr]
+                held = self.delivery.publish(encoded, topic, payload, qos, properties)  # type: ignore[union-attr]
+                persistence = self.session_persistence
+                if held is None and persistence is not None and persistence.pending:
+                    # With a data_dir the message is acknowledged once its outbox row is
+                    # committed (this turn's commit). MQTT clients get that from the
+                    # write-ahead rule; this future gives it to the Python API.
+                    held = asyncio.get_running_loop().create_future()
+                    persistence.when_committed(partial(_resolve, held))
+                return held
             if properties:
                 # Stamped with our wall clock (us): receivers time publish-to-delivery (zmesh.ops).
                 stamp = time.time_ns() // 1_000
@@ -671,6 +723,7 @@ class Node:
         limit = self.config.mqtt.max_packet_size
         stamps = []
         behind = self._sessions_behind
+        backlog = self.config.delivery.session_backlog
         for topic, payload, qos, timestamp, properties in entries:
             encoded = self._topic_bytes.get(topic)
             if not encoded:
@@ -699,7 +752,7 @@ class Node:
             for subscriber, granted in self.router.targets(topic):
                 subscriber.deliver(topic, payload, qos if qos < granted else granted, False, origin, properties)
                 window = getattr(subscriber, "window", None)
-                if window is not None and subscriber not in behind and _above_half(window):
+                if window is not None and subscriber not in behind and _behind(window, backlog):
                     behind[subscriber] = time.monotonic()
         persistence = self.session_persistence
         if persistence is not None and self.delivery is not None:
@@ -711,7 +764,8 @@ class Node:
 
     def _stream_congested(self) -> bool:
         """True while a local consumer is behind: a Python subscription more than half full,
-        or an online MQTT session whose queue is more than half its bound (for at most
+        or an online MQTT session with more than delivery.session_backlog messages queued or
+        a queue more than half its bound (for at most
         delivery.block_max: a client stuck longer no longer holds the node's streams)."""
         if self._behind:
             return True
@@ -719,10 +773,10 @@ class Node:
         if not behind:
             return False
         now = time.monotonic()
-        block_max = self.config.delivery.block_max
+        block_max, backlog = self.config.delivery.block_max, self.config.delivery.session_backlog
         # O(sessions behind): only those, only while some are.
         for session, since in list(behind.items()):
-            if getattr(session, "conn", None) is None or not _above_half(session.window):
+            if getattr(session, "conn", None) is None or not _behind(session.window, backlog):
                 del behind[session]
                 self._sessions_stuck.discard(session)
             elif now - since >= block_max:

@@ -147,6 +147,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Checker, bool, bool]]] = {
         "backfill_max_bytes": (_int_range(0, 1 << 40), False, False),
         "window": (_int_range(1, 1 << 20), False, False),
         "window_bytes": (_int_range(64 * 1024, 1 << 34), False, False),
+        "session_backlog": (_int_range(1, 1 << 24), False, False),
         "block_max": (_positive_float, False, False),
         "stop_timeout": (_non_negative_float, False, False),
         "reorder_buffer": (_int_range(1, 1 << 20), False, False),

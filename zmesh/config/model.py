@@ -199,8 +199,13 @@ class DeliveryConfig:
     outbox_max_age: float = 60.0  # seconds a destination's unacknowledged message is kept
     backfill_window: float = 2.0  # seconds an acknowledged message stays for late interest
     backfill_max_bytes: int = 8 * 1024 * 1024  # ... unless the outbox holds more than this
-    window: int = 4096  # messages sent and unacknowledged per destination (credit)
+    # Messages unacknowledged per destination: at most this many in flight (credit), and
+    # under `block` publishers are held while a destination has more than this waiting.
+    window: int = 128
     window_bytes: int = 8 * 1024 * 1024
+    # Messages queued for one online MQTT session (beyond its in-flight ones) past which
+    # the node stops taking QoS >= 1 stream input: its origins then hold their publishers.
+    session_backlog: int = 64
     block_max: float = 10.0  # a destination silent this long is detached; < outbox_max_age
     stop_timeout: float = 5.0  # bounded wait for acknowledgements on stop
     reorder_buffer: int = 4096  # the receiver's buffer per origin, messages

@@ -24,7 +24,7 @@ from typing import Any
 
 from zmesh.mesh import streamwire as sw
 from zmesh.mesh.flow import Decision, DeliveryRefused, FlowConfig, Gate
-from zmesh.mesh.outbox import Journal, Outbox, OutboxConfig
+from zmesh.mesh.outbox import Journal, JournalInterest, Outbox, OutboxConfig
 from zmesh.mesh.streams import Gap, Inbox, StreamConfig, StreamState
 
 log = logging.getLogger("zmesh.delivery")
@@ -42,7 +42,7 @@ MATCH_CACHE_LIMIT = 100_000
 # keeps it far below); past it an input is dropped, and recovered later by NACK.
 HOLD_MAX_ITEMS = 256
 HOLD_MAX_BYTES = 32 * 1024 * 1024
-HOLD_RETRY = 0.01  # seconds between congestion checks while something is held
+HOLD_RETRY = 0.002  # seconds between congestion checks while something is held
 INTEREST_RETRY = 0.05  # an interest that could not be queued (handshake not done) is retried this soon
 
 SendData = Callable[[bytes, int], bool]  # (frame, messages in it)
@@ -208,6 +208,9 @@ class Delivery:
             added = {p: t for p, t in message.prefixes.items() if old.get(p) != t}
             self.interest[key] = dict(message.prefixes)
             self._prefixes[key] = tuple(message.prefixes)
+            journal = self.outbox.journal
+            if journal is not None:
+                journal.append(JournalInterest(key, sw.encode_interest(message.seq, message.prefixes)))
             if not message.prefixes:
                 del self._prefixes[key]
             self._match.clear()
@@ -394,6 +397,16 @@ class Delivery:
         (``data_dir``): a stream resumes there, so that what the sessions already hold is
         dropped as a duplicate and what they lack is asked for (docs/delivery.md §9)."""
         self.inbox.restored = dict(positions)
+
+    def restore_interest(self, declarations: dict[str, sw.Interest]) -> None:
+        """A restarted origin: what each destination wanted before (from the disk store).
+        A destination's re-declaration then adds only what is really new to backfill and
+        to the "subscribed late" check, and a restored stream has its destinations at once."""
+        for key, message in declarations.items():
+            self.interest[key] = dict(message.prefixes)
+            if message.prefixes:
+                self._prefixes[key] = tuple(message.prefixes)
+        self._match.clear()
 
     def position(self, key: str) -> tuple[int, int] | None:
         """(epoch, delivered) of ``key``'s stream to us, for the session store."""

@@ -96,7 +96,18 @@ class JournalHorizon(NamedTuple):
     released_until_ms: int
 
 
-Journal = JournalStream | JournalEntry | JournalAck | JournalGone | JournalForget | JournalHorizon
+class JournalInterest(NamedTuple):
+    """A destination's interest changed (recorded by ``Delivery``, not the outbox): its
+    declaration as received (``streamwire.encode_interest``), so that a restarted origin
+    knows what each destination already wanted and does not take a re-declaration for a
+    late subscription (a false "subscribed late" gap)."""
+
+    dest: str
+    declaration: bytes
+
+
+Journal = (JournalStream | JournalEntry | JournalAck | JournalGone | JournalForget | JournalHorizon
+           | JournalInterest)
 
 
 @dataclass(frozen=True)
@@ -109,7 +120,9 @@ class OutboxConfig:
     # saturated publisher (50 MiB of 64 KiB messages in the hostile-load test) is far more
     # than it needs; a message released early is still reported by `uncovered`.
     backfill_max_bytes: int = 8 * 1024 * 1024
-    window: int = 4096  # messages sent but not acknowledged, per destination (credit)
+    # Messages sent but not acknowledged, per destination (credit); and, under `block`, the
+    # most a destination may hold unacknowledged before publishers wait (see `room`).
+    window: int = 128
     window_bytes: int = 8 * 1024 * 1024
     frame_entries: int = 1024  # per stream frame or repair
     frame_bytes: int = 256 * 1024
@@ -201,6 +214,9 @@ class Outbox:
         # an interest subscribed before it but heard of after it cannot be fully backfilled
         # (the message may have matched it too).
         self.released_until_ms = -1
+        # Attached streams holding more than `window` unacknowledged messages, kept by every
+        # change to a stream's entries (O(1) each): `room` is False while any exists.
+        self.over_window = 0
 
     # ------------------------------------------------------------------ streams
 
@@ -226,6 +242,8 @@ class Outbox:
         if attached and now is not None:
             stream.last_progress = now
         step = 1 if attached else -1
+        if len(stream.entries) > self.config.window:
+            self.over_window += step
         for _seq, entry in stream.entries:
             entry.blockers += step
 
@@ -237,6 +255,8 @@ class Outbox:
             return 0
         if self.journal is not None:
             self.journal.append(JournalForget(dest))
+        if stream.attached and len(stream.entries) > self.config.window:
+            self.over_window -= 1
         for _seq, entry in stream.entries:
             entry.pending -= 1
             if stream.attached:
@@ -247,8 +267,13 @@ class Outbox:
 
     def room(self, size: int, now: float, count: int = 1) -> bool:
         """Whether ``count`` messages of ``size`` payload+topic bytes in all fit without
-        evicting one that an attached destination still needs (the ``block`` policy holds a
-        publish back if not)."""
+        evicting one that an attached destination still needs, and no attached destination
+        holds more than ``window`` unacknowledged (the ``block`` policy holds a publish back
+        if not). The second condition is what keeps latency low under saturation: without
+        it a publisher faster than a subscriber filled the whole byte bound first (64 MiB,
+        ~120,000 small messages, over a second of queue) before it was slowed."""
+        if self.over_window:
+            return False
         needed = self.bytes + size + count * ENTRY_OVERHEAD - self.config.max_bytes
         if needed <= 0:
             return True
@@ -267,11 +292,16 @@ class Outbox:
         entry = Entry(self.lseq, message, now)
         streams = self.streams
         blockers = 0
+        over = self.config.window + 1
         for dest in dests:  # the hot path: _put inlined
             stream = streams.get(dest) or self.stream(dest, now)
-            stream.entries.append((stream.next_seq, entry))
+            entries = stream.entries
+            entries.append((stream.next_seq, entry))
             stream.next_seq += 1
-            blockers += stream.attached
+            if stream.attached:
+                blockers += 1
+                if len(entries) == over:
+                    self.over_window += 1
             entry.dests.append(dest)
         entry.pending = len(entry.dests)
         entry.blockers = blockers
@@ -289,13 +319,14 @@ class Outbox:
             self._trim(now)
         return entry
 
-    @staticmethod
-    def _put(stream: OutStream, entry: Entry) -> None:
+    def _put(self, stream: OutStream, entry: Entry) -> None:
         stream.entries.append((stream.next_seq, entry))
         stream.next_seq += 1
         entry.pending += 1
         if stream.attached:
             entry.blockers += 1
+            if len(stream.entries) == self.config.window + 1:
+                self.over_window += 1
 
     def backfill(self, dest: str, added: dict[bytes, int], now: float, now_ms: int) -> int:
         """``dest`` declared new interest: ``added`` maps each new ZeroMQ prefix to the wall
@@ -394,6 +425,7 @@ class Outbox:
             return 0
         done = 0
         entries = stream.entries
+        was_over = stream.attached and len(entries) > self.config.window
         while entries and entries[0][0] <= upto:
             _seq, entry = entries.popleft()
             stream.inflight_bytes -= entry.size
@@ -401,6 +433,8 @@ class Outbox:
             if stream.attached:
                 entry.blockers -= 1
             done += 1
+        if was_over and len(entries) <= self.config.window:
+            self.over_window -= 1
         stream.acked = upto
         stream.first_available = max(stream.first_available, upto + 1)
         if self.journal is not None:
@@ -485,6 +519,7 @@ class Outbox:
                 stream.first_available = stream.next_seq
                 stream.sent = stream.next_seq - 1
         self.released_until_ms = released_until_ms
+        self.over_window = sum(1 for stream in self.streams.values() if len(stream.entries) > self.config.window)
         self._trim(now)
 
     # ------------------------------------------------------------------ time
@@ -564,5 +599,7 @@ class Outbox:
                 entry.pending -= 1
                 if stream.attached:
                     entry.blockers -= 1
+                    if len(entries) == self.config.window:
+                        self.over_window -= 1
                 if not entry.pending:
                     break

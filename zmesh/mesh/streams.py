@@ -58,7 +58,9 @@ class StreamConfig:
     retry: float = 0.2
     max_retry: float = 2.0
     give_up: float = 90.0  # longer than the origin's outbox max_age: it answers GONE first
-    ack_every: int = 256
+    # An ack per this many delivered, or after ack_delay: a quarter of the origin's default
+    # window (128), so that credit comes back before it runs out at full speed.
+    ack_every: int = 32
     ack_delay: float = 0.02
     retired_epochs: int = 4
     max_gaps: int = 1024  # gap events held until taken; past it only counted

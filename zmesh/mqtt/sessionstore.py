@@ -75,6 +75,17 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from zmesh import topics
+from zmesh.mesh.outbox import (
+    Journal,
+    JournalAck,
+    JournalEntry,
+    JournalForget,
+    JournalGone,
+    JournalHorizon,
+    JournalInterest,
+    JournalStream,
+)
+from zmesh.mesh.streamwire import Interest, StreamEntry, StreamWireError, decode_control
 from zmesh.mqtt.session import NEVER, Outgoing, SubscriptionOptions
 
 if TYPE_CHECKING:
@@ -82,7 +93,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zmesh.mqtt.sessionstore")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the outbox tables (a version 1 file is upgraded in place)
 FILE_NAME = "sessions.db"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _TRANSIENT = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_NOMEM", "SQLITE_INTERRUPT")
@@ -102,7 +113,22 @@ _COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "inbound": ("client_id", "packet_id"),
     "positions": ("origin", "epoch", "delivered"),
+    "outbox_streams": ("dest", "epoch", "next_seq", "acked"),
+    "outbox_entries": ("lseq", "topic", "payload", "qos", "ts", "properties", "copy_of"),
+    "outbox_seqs": ("lseq", "dest", "seq"),
+    "outbox_interest": ("dest", "declaration"),
 }
+_OUTBOX_TABLES = ("outbox_streams", "outbox_entries", "outbox_seqs", "outbox_interest")
+MAX_DECLARATION = 1 << 20  # bytes of one stored interest declaration (1,024 prefixes of 256 B fit)
+_OUTBOX_SCHEMA = (
+    "CREATE TABLE outbox_streams(dest TEXT PRIMARY KEY, epoch INT NOT NULL, next_seq INT NOT NULL,"
+    " acked INT NOT NULL)",
+    "CREATE TABLE outbox_entries(lseq INT PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL,"
+    " qos INT NOT NULL, ts INT NOT NULL, properties BLOB NULL, copy_of INT NOT NULL)",
+    "CREATE TABLE outbox_seqs(lseq INT NOT NULL, dest TEXT NOT NULL, seq INT NOT NULL,"
+    " PRIMARY KEY(lseq, dest)) WITHOUT ROWID",
+    "CREATE TABLE outbox_interest(dest TEXT PRIMARY KEY, declaration BLOB NOT NULL)",
+)
 _SCHEMA = (
     "CREATE TABLE meta(name TEXT PRIMARY KEY, value)",
     "CREATE TABLE sessions(client_id TEXT PRIMARY KEY, level INT NOT NULL, expiry INT NOT NULL,"
@@ -117,6 +143,7 @@ _SCHEMA = (
     "CREATE TABLE inbound(client_id TEXT NOT NULL, packet_id INT NOT NULL,"
     " PRIMARY KEY(client_id, packet_id)) WITHOUT ROWID",
     "CREATE TABLE positions(origin TEXT PRIMARY KEY, epoch INT NOT NULL, delivered INT NOT NULL)",
+    *_OUTBOX_SCHEMA,
 )
 
 
@@ -156,6 +183,28 @@ class StoredSession:
 
 
 @dataclass(slots=True)
+class StoredOutbox:
+    """The origin's outbox as kept (zmesh.mesh.outbox.Outbox.restore's arguments)."""
+
+    streams: list[tuple[str, int, int, int]] = field(default_factory=list)  # dest, epoch, next_seq, acked
+    entries: list[tuple[int, StreamEntry, int, list[tuple[str, int]]]] = field(default_factory=list)
+    released_until_ms: int = -1
+    interest: dict[str, Interest] = field(default_factory=dict)  # dest -> its last declaration
+
+
+class _Journal(list):  # type: ignore[type-arg]
+    """The list an Outbox records its changes in; each record marks the turn's commit due."""
+
+    def __init__(self, dirty: Callable[[], None]) -> None:
+        super().__init__()
+        self._dirty = dirty
+
+    def append(self, record: Journal) -> None:
+        super().append(record)
+        self._dirty()
+
+
+@dataclass(slots=True)
 class Batch:
     """One transaction's worth of changes; a key's last change wins (coalesced upstream)."""
 
@@ -168,6 +217,7 @@ class Batch:
     inbound_put: list[tuple[str, int]] = field(default_factory=list)
     inbound_del: list[tuple[str, int]] = field(default_factory=list)
     positions: list[tuple[str, int, int]] = field(default_factory=list)
+    outbox: list[Journal] = field(default_factory=list)  # the origin's outbox changes, in order
 
     def __len__(self) -> int:
         return sum(len(getattr(self, name)) for name in self.__slots__)  # type: ignore[attr-defined]
@@ -293,10 +343,18 @@ class SessionDisk:
             conn.execute("COMMIT")
             return
         missing = sorted(set(_COLUMNS) - tables)
+        row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() if "meta" in tables else None
+        version = row[0] if row else None
+        if version == 1 and missing == sorted(_OUTBOX_TABLES):
+            # Written before the outbox was kept here: add its tables, keep the sessions.
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _OUTBOX_SCHEMA:
+                conn.execute(statement)
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+            version, missing = SCHEMA_VERSION, []
         if missing:
             raise _Unusable(f"schema incomplete (missing table {', '.join(missing)})")
-        row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-        version = row[0] if row else None
         if type(version) is not int:
             raise _Unusable("no schema version")
         if version != SCHEMA_VERSION:
@@ -477,6 +535,103 @@ class SessionDisk:
             log.error("%s: %d stored stream positions refused", self.path, bad)
         return out
 
+    def load_outbox(self, max_entries: int, max_streams: int) -> StoredOutbox:
+        """The origin's outbox, every row checked as untrusted and bounded (``max_entries``
+        messages, ``max_streams`` destinations, payloads within mqtt.max_packet_size). One
+        bad row refuses the whole outbox (a stream with a hole in its middle would be worse
+        than a new epoch, which receivers report): logged with the file's name, its rows
+        deleted, and the node starts with an empty outbox."""
+        conn = self._db()
+        try:
+            return self._load_outbox(conn, max_entries, max_streams)
+        except _BadRow as exc:
+            log.error("%s: the stored outbox was refused and is discarded (receivers will report what it "
+                      "held as lost): %s", self.path, exc)
+            self.clear_outbox()
+            return StoredOutbox()
+        except sqlite3.Error as exc:
+            raise SessionStoreError(f"{self.path}: cannot read the stored outbox: {exc}") from None
+
+    def clear_outbox(self) -> None:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for table in _OUTBOX_TABLES:
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("DELETE FROM meta WHERE name = 'outbox_released_until_ms'")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise SessionStoreError(f"{self.path}: cannot clear the stored outbox: {exc}") from None
+
+    def _load_outbox(self, conn: sqlite3.Connection, max_entries: int, max_streams: int) -> StoredOutbox:
+        out = StoredOutbox()
+        top = (1 << 63) - 1
+        next_seqs: dict[str, int] = {}
+        for dest_raw, epoch, next_seq, acked in conn.execute(
+            "SELECT CAST(dest AS BLOB), epoch, next_seq, acked FROM outbox_streams LIMIT ?", (max_streams + 1,)
+        ):
+            if len(out.streams) >= max_streams:
+                raise _BadRow(f"more than {max_streams} destinations")
+            dest = _text(dest_raw, "outbox destination", 256)
+            if not (_is_int(epoch, 1, top) and _is_int(next_seq, 1, 1 << 62) and _is_int(acked, 0, next_seq - 1)):
+                raise _BadRow(f"stream to {dest[:16]!r}: bad numbers")
+            next_seqs[dest] = next_seq
+            out.streams.append((dest, epoch, next_seq, acked))
+        by_lseq: dict[int, list[tuple[str, int]]] = {}
+        limit = self.limits.max_packet_size
+        for lseq, topic_raw, payload, qos, ts, props_raw, copy_of in conn.execute(
+            "SELECT lseq, CAST(topic AS BLOB), payload, qos, ts, properties, copy_of FROM outbox_entries"
+            " ORDER BY lseq LIMIT ?", (max_entries + 1,)
+        ):
+            if len(out.entries) >= max_entries:
+                raise _BadRow(f"more than {max_entries} messages")
+            if not (_is_int(lseq, 1, 1 << 62) and _is_int(qos, 1, 2) and _is_int(ts, 0, 1 << 62)
+                    and _is_int(copy_of, 0, lseq - 1)):
+                raise _BadRow(f"outbox message {lseq!r}: bad numbers")
+            topic = _text(topic_raw, f"outbox message {lseq} topic")
+            try:
+                topics.validate_topic_name(topic)
+            except topics.TopicError as exc:
+                raise _BadRow(f"outbox message {lseq}: {exc}") from None
+            if type(payload) is not bytes or len(payload) > limit:
+                raise _BadRow(f"outbox message {lseq}: payload is not bytes within mqtt.max_packet_size")
+            properties = self._properties(props_raw, f"outbox message {lseq}")
+            seqs = by_lseq[lseq] = []
+            out.entries.append((lseq, StreamEntry(topic, payload, qos, ts, properties), copy_of, seqs))
+        cap = min(max_entries * max(1, len(out.streams)), 1 << 24)
+        count = 0
+        for lseq, dest_raw, seq in conn.execute("SELECT lseq, CAST(dest AS BLOB), seq FROM outbox_seqs LIMIT ?",
+                                                (cap + 1,)):
+            count += 1
+            if count > cap:
+                raise _BadRow(f"more than {cap} stream numbers")
+            dest = _text(dest_raw, "outbox destination", 256)
+            seqs = by_lseq.get(lseq)  # type: ignore[arg-type]
+            if seqs is None or dest not in next_seqs or not _is_int(seq, 1, next_seqs[dest] - 1):
+                raise _BadRow(f"stream number {seq!r} of message {lseq!r} to {dest[:16]!r}: no such message or stream")
+            seqs.append((dest, seq))
+        for dest_raw, declaration in conn.execute(
+            "SELECT CAST(dest AS BLOB), declaration FROM outbox_interest LIMIT ?", (max_streams + 1,)
+        ):
+            if len(out.interest) >= max_streams:
+                raise _BadRow(f"interest of more than {max_streams} destinations")
+            dest = _text(dest_raw, "outbox destination", 256)
+            if type(declaration) is not bytes or len(declaration) > MAX_DECLARATION:
+                raise _BadRow(f"interest of {dest[:16]!r} is not a bounded declaration")
+            try:  # checked as a peer's declaration is (zmesh.mesh.streamwire)
+                message = decode_control(declaration)
+            except StreamWireError as exc:
+                raise _BadRow(f"interest of {dest[:16]!r}: {exc}") from None
+            if not isinstance(message, Interest):
+                raise _BadRow(f"interest of {dest[:16]!r} is another control message")
+            out.interest[dest] = message
+        row = conn.execute("SELECT value FROM meta WHERE name = 'outbox_released_until_ms'").fetchone()
+        if row is not None:
+            if not _is_int(row[0], -1, 1 << 62):
+                raise _BadRow("released_until_ms is not a time")
+            out.released_until_ms = row[0]
+        return out
+
     # ------------------------------------------------------------------ writing
 
     def write(self, batch: Batch) -> None:
@@ -495,6 +650,8 @@ class SessionDisk:
                 conn.executemany("DELETE FROM inbound WHERE client_id = ? AND packet_id = ?", batch.inbound_del)
                 conn.executemany("INSERT OR IGNORE INTO inbound VALUES (?, ?)", batch.inbound_put)
                 conn.executemany("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", batch.positions)
+                if batch.outbox:
+                    _write_outbox(conn, batch.outbox)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -514,6 +671,34 @@ class SessionDisk:
             finally:
                 self._conn = None
                 os.close(self._lock_fd)
+
+
+def _write_outbox(conn: sqlite3.Connection, records: list[Journal]) -> None:
+    """The outbox's journal (zmesh.mesh.outbox), in order, in the caller's transaction."""
+    ex = conn.execute
+    for record in records:
+        if isinstance(record, JournalEntry):
+            m = record.message
+            ex("INSERT OR REPLACE INTO outbox_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (record.lseq, m.topic, m.payload, m.qos, m.timestamp, _pack_properties(m.properties), record.copy_of))
+            for dest, seq in record.seqs:
+                ex("INSERT OR REPLACE INTO outbox_seqs VALUES (?, ?, ?)", (record.lseq, dest, seq))
+                ex("UPDATE outbox_streams SET next_seq = max(next_seq, ?) WHERE dest = ?", (seq + 1, dest))
+        elif isinstance(record, JournalAck):
+            ex("UPDATE outbox_streams SET acked = max(acked, ?) WHERE dest = ?", (record.acked, record.dest))
+        elif isinstance(record, JournalGone):
+            ex("DELETE FROM outbox_entries WHERE lseq = ?", (record.lseq,))
+            ex("DELETE FROM outbox_seqs WHERE lseq = ?", (record.lseq,))
+        elif isinstance(record, JournalStream):
+            ex("INSERT OR REPLACE INTO outbox_streams VALUES (?, ?, 1, 0)", (record.dest, record.epoch))
+        elif isinstance(record, JournalInterest):
+            ex("INSERT OR REPLACE INTO outbox_interest VALUES (?, ?)", (record.dest, record.declaration))
+        elif isinstance(record, JournalForget):
+            ex("DELETE FROM outbox_streams WHERE dest = ?", (record.dest,))
+            ex("DELETE FROM outbox_seqs WHERE dest = ?", (record.dest,))
+            ex("DELETE FROM outbox_interest WHERE dest = ?", (record.dest,))
+        elif isinstance(record, JournalHorizon):
+            ex("INSERT OR REPLACE INTO meta VALUES ('outbox_released_until_ms', ?)", (record.released_until_ms,))
 
 
 def _pack_properties(properties: dict[str, Any] | None) -> bytes | None:
@@ -554,6 +739,16 @@ class SessionPersistence:
         self._positions: dict[str, tuple[int, int]] = {}
         self._committed: list[Callable[[], None]] = []
         self._scheduled = False
+        self._outbox: _Journal | None = None
+
+    def outbox_journal(self) -> list[Journal]:
+        """The list the origin's Outbox records its changes in (``Outbox(journal=...)``):
+        each record makes this turn's commit due, and the commit writes them in order, with
+        the session changes of the same turn. A PUBACK therefore leaves after the message's
+        outbox row is on disk (the write-ahead rule above)."""
+        if self._outbox is None:
+            self._outbox = _Journal(self._dirty)
+        return self._outbox
 
     def _dirty(self) -> None:
         self.pending = True
@@ -660,6 +855,8 @@ class SessionPersistence:
         for (cid, pid), added in self._inbound.items():
             (batch.inbound_put if added else batch.inbound_del).append((cid, pid))
         batch.positions = [(o, e, d) for o, (e, d) in self._positions.items()]
+        if self._outbox:
+            batch.outbox = list(self._outbox)  # cleared only once written: a failed write retries them
         try:
             self.disk.write(batch)
         except SessionStoreError as exc:
@@ -679,6 +876,8 @@ class SessionPersistence:
         self._msgs.clear()
         self._inbound.clear()
         self._positions.clear()
+        if batch.outbox:
+            del self._outbox[: len(batch.outbox)]  # type: ignore[index]
         callbacks, self._committed = self._committed, []
         for callback in callbacks:
             callback()

@@ -221,3 +221,25 @@ def test_a_restarted_receiver_resumes_at_its_stored_position_and_repeats_nothing
         assert restarted.inbox.streams[A].position() == (position[0], 9)
         assert not pair.gaps
     asyncio.run(run())
+
+
+def test_a_restarted_origin_takes_a_known_interest_for_no_late_subscription() -> None:
+    """After a restart from its disk store an origin knows each destination's last
+    declaration (Delivery.restore_interest): the destination declaring the same again is
+    not told it subscribed late (UNCOVERED), while a prefix really new to it still is."""
+    async def main() -> tuple[list[Any], list[Any]]:
+        sent: list[Any] = []
+        d = Delivery(A, DeliverySettings(), lambda f, n: True, lambda k, data: sent.append(sw.decode_control(data)) or True,
+                     lambda k, e: None, lambda g: None, lambda r, x: None)
+        d.start()
+        d.outbox.released_until_ms = 10_000  # messages were let go up to then, before the restart
+        d.restore_interest({B: sw.Interest(5, {b"x/": 1_000})})
+        d._on_interest(B, sw.Interest(6, {b"x/": 1_000}), 0.0)
+        known = [c for c in sent if isinstance(c, sw.Uncovered)]
+        sent.clear()
+        d._on_interest(B, sw.Interest(7, {b"x/": 1_000, b"y/": 2_000}), 0.0)
+        return known, [c for c in sent if isinstance(c, sw.Uncovered)]
+
+    known, new = asyncio.run(main())
+    assert known == []
+    assert new == [sw.Uncovered(2_000, 10_000)]

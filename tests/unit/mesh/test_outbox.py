@@ -207,6 +207,36 @@ def test_room_and_detach() -> None:
     assert outbox.forget(A) == 1 and outbox.room(SIZE - ENTRY_OVERHEAD, 0.0)
 
 
+def test_a_destination_past_its_window_holds_publishers_until_it_acknowledges() -> None:
+    """Room in bytes is not enough: a destination with more than ``window`` messages
+    unacknowledged makes ``room`` False, so a saturating publisher waits at the gate (its
+    PUBACKs held) instead of queueing the whole byte bound ahead of a slower subscriber."""
+    outbox = _outbox(window=3)
+    gate: Gate[int] = Gate(FlowConfig(BLOCK, block_max=10.0), outbox)
+    for n in range(4):
+        assert gate.offer(n, SIZE - ENTRY_OVERHEAD, 0.0) is Decision.ADMIT
+        outbox.append(_msg(n), [A], 0.0)
+    assert outbox.room(1, 0.0) is False and outbox.over_window == 1  # 4 unacknowledged > 3
+    assert gate.offer(4, SIZE - ENTRY_OVERHEAD, 0.0) is Decision.HOLD
+    _send_all(outbox, A)
+    outbox.ack(A, outbox.streams[A].epoch, 1, 0.5)
+    assert gate.release(0.5) == [4] and outbox.over_window == 0
+    outbox.append(_msg(4), [B], 0.5)  # another destination's own window
+    outbox.attach(A, False)  # a detached destination holds nobody back
+    outbox.append(_msg(5), [A], 0.5)
+    outbox.append(_msg(6), [A], 0.5)
+    assert outbox.room(1, 0.5) and outbox.over_window == 0
+    outbox.attach(A, True, 0.5)
+    assert not outbox.room(1, 0.5)
+    assert outbox.forget(A) == 5 and outbox.room(1, 0.5)
+    aged = _outbox(window=1, max_age=5.0)
+    aged.append(_msg(0), [A], 0.0)
+    aged.append(_msg(1), [A], 0.0)
+    assert not aged.room(1, 0.0)
+    aged.tick(6.0)  # both evicted past max_age (counted for A): nothing holds publishers now
+    assert aged.stats.evicted_by_dest == {A: 2} and aged.room(1, 6.0)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["append", "ack", "tick", "detach", "fetch"]),
                           st.integers(0, 3), st.integers(0, 50)), min_size=30, max_size=300))
@@ -232,6 +262,7 @@ def test_the_bounds_hold_whatever_happens(ops: list[tuple[str, int, int]]) -> No
         assert outbox.bytes == sum(e.size for e in outbox.log)
         for entry in outbox.log:
             assert 0 <= entry.blockers <= entry.pending
+        assert outbox.over_window == sum(s.attached and len(s.entries) > 4 for s in outbox.streams.values())
         for stream in outbox.streams.values():
             assert stream.inflight <= 4
             seqs = [seq for seq, _ in stream.entries]

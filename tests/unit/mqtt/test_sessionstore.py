@@ -328,3 +328,101 @@ def test_a_failed_write_keeps_the_changes_for_the_next_commit(tmp_path: Path) ->
     assert persistence.flush()
     assert [(s.client_id, s.subscriptions) for s in persistence.disk.load()] == [("c", [("a", SubscriptionOptions(1))])]
     persistence.close()
+
+
+# ---------------------------------------------------------------------------- the origin's outbox
+
+
+def _outbox_through_disk(path: Path) -> tuple[Any, SessionPersistence]:
+    from itertools import count
+
+    from zmesh.mesh.outbox import Outbox, OutboxConfig
+
+    disk = SessionDisk(path)
+    persistence = SessionPersistence(disk, lambda callback: None)
+    epochs = count(7)
+    return Outbox(OutboxConfig(window=2), lambda: next(epochs), persistence.outbox_journal()), persistence
+
+
+def test_the_outbox_round_trips_through_the_session_file(tmp_path: Path) -> None:
+    """What the origin's Outbox journals is committed with the turn's session changes and
+    read back into a new Outbox with the same epochs, numbers and messages: the acked
+    ones gone, every unacknowledged one still owed (docs/delivery.md §9)."""
+    from zmesh.mesh.outbox import Outbox, OutboxConfig
+    from zmesh.mesh.streamwire import StreamEntry
+
+    dest_a, dest_b = "A" * 40, "B" * 40
+    path = tmp_path / FILE_NAME
+    outbox, persistence = _outbox_through_disk(path)
+    for n in range(5):
+        props = {"user_property": [("k", "v")]} if n == 4 else None
+        outbox.append(StreamEntry(f"t/{n}", b"m%d" % n, 1 + n % 2, 1_000 + n, props), [dest_a, dest_b][: 1 + n % 2], 0.0)
+    from zmesh.mesh.outbox import JournalInterest
+    from zmesh.mesh.streamwire import Interest, encode_interest
+
+    outbox.journal.append(JournalInterest(dest_a, encode_interest(5, {b"t/": 1_000})))
+    outbox.journal.append(JournalInterest(dest_a, encode_interest(6, {b"t/": 1_000, b"u\x00": 1_001})))
+    epoch_a = outbox.streams[dest_a].epoch
+    epoch, first, sent = outbox.sendable(dest_a)
+    outbox.mark_sent(dest_a, epoch, first + len(sent) - 1, 0.0)
+    outbox.ack(dest_a, epoch_a, 2, 0.0)
+    assert persistence.pending
+    assert persistence.flush() and not persistence.pending and not persistence._outbox
+    persistence.close()
+
+    stored = SessionDisk(path).load_outbox(1000, 10)
+    assert stored.interest == {dest_a: Interest(6, {b"t/": 1_000, b"u\x00": 1_001})}  # the last one
+    assert sorted(stored.streams) == sorted([(dest_a, epoch_a, 6, 2), (dest_b, outbox.streams[dest_b].epoch, 3, 0)])
+    restored = Outbox(OutboxConfig(window=2), lambda: 99)
+    restored.restore(stored.streams, stored.entries, 0.0, 1_000, stored.released_until_ms)
+    owed = {dest: [(seq, e.message.topic) for seq, e in s.entries] for dest, s in restored.streams.items()}
+    assert owed == {dest_a: [(3, "t/2"), (4, "t/3"), (5, "t/4")], dest_b: [(1, "t/1"), (2, "t/3")]}
+    last = restored.streams[dest_a].entries[-1][1].message
+    assert last == StreamEntry("t/4", b"m4", 1, 1_004, {"user_property": [("k", "v")]})
+
+
+def test_a_session_file_from_before_the_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    disk = SessionDisk(path)
+    disk.write(Batch(sessions=[("keep", 4, NEVER, None, 1.0, 0)]))
+    disk.close()
+    conn = sqlite3.connect(path)
+    for table in ("outbox_streams", "outbox_entries", "outbox_seqs", "outbox_interest"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("UPDATE meta SET value = 1 WHERE name = 'schema_version'")
+    conn.commit()
+    conn.close()
+    disk = SessionDisk(path)
+    assert disk.recovered_from is None and [s.client_id for s in disk.load()] == ["keep"]
+    assert disk.load_outbox(10, 10).streams == []
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE outbox_streams SET acked = next_seq",  # acknowledged beyond what was numbered
+    "UPDATE outbox_entries SET topic = 'a/+/b'",  # a filter is no topic
+    "UPDATE outbox_entries SET qos = 0",
+    "UPDATE outbox_entries SET payload = 'text'",
+    "UPDATE outbox_entries SET properties = x'c1'",
+    "UPDATE outbox_seqs SET seq = 1000",  # beyond the stream's next number
+    "UPDATE outbox_seqs SET dest = 'nobody'",
+    "INSERT INTO outbox_entries VALUES (100, 't', x'00', 1, 1, NULL, 0), (101, 't', x'00', 1, 1, NULL, 0)",
+    "INSERT INTO outbox_interest VALUES ('A', x'fe93')",  # not a declaration
+])
+def test_a_hostile_outbox_row_refuses_the_whole_outbox(tmp_path: Path, sql: str, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / FILE_NAME
+    outbox, persistence = _outbox_through_disk(path)
+    from zmesh.mesh.streamwire import StreamEntry
+
+    for n in range(3):
+        outbox.append(StreamEntry("t/x", b"m", 1, 1, None), ["A" * 40], 0.0)
+    persistence.close()
+    conn = sqlite3.connect(path)
+    conn.execute(sql)
+    conn.commit()
+    conn.close()
+    disk = SessionDisk(path)
+    with caplog.at_level(logging.ERROR):
+        stored = disk.load_outbox(4, 10)
+    assert stored.streams == [] and stored.entries == []
+    assert "stored outbox was refused" in caplog.text and str(path) in caplog.text
+    assert disk.load_outbox(4, 10).streams == []  # discarded: the next start finds nothing
