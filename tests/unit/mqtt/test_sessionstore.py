@@ -413,7 +413,7 @@ def test_a_hostile_outbox_row_refuses_the_whole_outbox(tmp_path: Path, sql: str,
     outbox, persistence = _outbox_through_disk(path)
     from zmesh.mesh.streamwire import StreamEntry
 
-    for n in range(3):
+    for _n in range(3):
         outbox.append(StreamEntry("t/x", b"m", 1, 1, None), ["A" * 40], 0.0)
     persistence.close()
     conn = sqlite3.connect(path)
