@@ -409,6 +409,17 @@ class Mesh(RetainedSync):
                     answered: zmq.asyncio.Socket = ready  # type: ignore[assignment]
                     data = await answered.recv()
                     key = candidates[answered]
+                    if data[:1] == streamwire.CONTROL_TAG:
+                        # A delivery control can reach a probe: a peer answers on the
+                        # identity it last saw us on, and this probe's hello made that ours.
+                        # Authentic (the CURVE handshake proved the key): handled as on the
+                        # link's DEALER once the key is a member, never decoded as a hello.
+                        if self.delivery is not None and key in self.links:
+                            try:
+                                self.delivery.on_control(key, data)
+                            except Exception as exc:  # noqa: BLE001 - one bad message costs only itself
+                                self.drop(CONTROL_ERROR, f"{key[:8]}: {type(exc).__name__}: {exc}")
+                        continue
                     message = self._decode_or_warn(data, key)
                     if message is None:
                         continue

@@ -270,6 +270,9 @@ def test_origin_sigkill_with_a_data_dir_delivers_what_it_held_once(tmp_path: Pat
             assert [m.payload for m in got] == [f"{i}".encode() for i in range(count)]
             assert_quiet(sub, timeout=1.0)  # none twice
             assert "outbox restored" in a2.output()
+            # b's interest declaration reached a2's seed probe (b answers on the identity it
+            # last saw): taken as delivery's, not dropped as a bad control message.
+            assert "mesh_bad_control" not in a2.output()
             with pytest.raises(queue.Empty):
                 gaps.get(timeout=0.5)
             assert b.sys_value("$SYS/zmesh/node")["delivery"]["gaps_total"] == 0
