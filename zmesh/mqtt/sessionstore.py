@@ -69,6 +69,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -674,31 +675,49 @@ class SessionDisk:
 
 
 def _write_outbox(conn: sqlite3.Connection, records: list[Journal]) -> None:
-    """The outbox's journal (zmesh.mesh.outbox), in order, in the caller's transaction."""
-    ex = conn.execute
-    for record in records:
-        if isinstance(record, JournalEntry):
-            m = record.message
-            ex("INSERT OR REPLACE INTO outbox_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-               (record.lseq, m.topic, m.payload, m.qos, m.timestamp, _pack_properties(m.properties), record.copy_of))
-            for dest, seq in record.seqs:
-                ex("INSERT OR REPLACE INTO outbox_seqs VALUES (?, ?, ?)", (record.lseq, dest, seq))
-                ex("UPDATE outbox_streams SET next_seq = max(next_seq, ?) WHERE dest = ?", (seq + 1, dest))
-        elif isinstance(record, JournalAck):
-            ex("UPDATE outbox_streams SET acked = max(acked, ?) WHERE dest = ?", (record.acked, record.dest))
-        elif isinstance(record, JournalGone):
-            ex("DELETE FROM outbox_entries WHERE lseq = ?", (record.lseq,))
-            ex("DELETE FROM outbox_seqs WHERE lseq = ?", (record.lseq,))
-        elif isinstance(record, JournalStream):
-            ex("INSERT OR REPLACE INTO outbox_streams VALUES (?, ?, 1, 0)", (record.dest, record.epoch))
-        elif isinstance(record, JournalInterest):
-            ex("INSERT OR REPLACE INTO outbox_interest VALUES (?, ?)", (record.dest, record.declaration))
-        elif isinstance(record, JournalForget):
-            ex("DELETE FROM outbox_streams WHERE dest = ?", (record.dest,))
-            ex("DELETE FROM outbox_seqs WHERE dest = ?", (record.dest,))
-            ex("DELETE FROM outbox_interest WHERE dest = ?", (record.dest,))
-        elif isinstance(record, JournalHorizon):
-            ex("INSERT OR REPLACE INTO meta VALUES ('outbox_released_until_ms', ?)", (record.released_until_ms,))
+    """The outbox's journal (zmesh.mesh.outbox), in order, in the caller's transaction.
+
+    Consecutive records of one kind go in one executemany (a saturated publisher journals
+    an entry, and an ack every few, per message: one statement each cost ~29 us a message).
+    Runs of different kinds keep their order, which is all the semantics need (a stream's
+    row before its entries' numbers, an entry before its removal, a forget before a new
+    stream to the same destination)."""
+    many, ex = conn.executemany, conn.execute
+    for kind, group in groupby(records, type):
+        batch = list(group)
+        if kind is JournalEntry:
+            many("INSERT OR REPLACE INTO outbox_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 [(r.lseq, r.message.topic, r.message.payload, r.message.qos, r.message.timestamp,
+                   _pack_properties(r.message.properties), r.copy_of) for r in batch])
+            many("INSERT OR REPLACE INTO outbox_seqs VALUES (?, ?, ?)",
+                 [(r.lseq, dest, seq) for r in batch for dest, seq in r.seqs])
+            top: dict[str, int] = {}
+            for r in batch:
+                for dest, seq in r.seqs:
+                    if seq >= top.get(dest, 0):
+                        top[dest] = seq
+            many("UPDATE outbox_streams SET next_seq = max(next_seq, ?) WHERE dest = ?",
+                 [(seq + 1, dest) for dest, seq in top.items()])
+        elif kind is JournalAck:
+            acked: dict[str, int] = {}
+            for r in batch:
+                acked[r.dest] = max(acked.get(r.dest, 0), r.acked)
+            many("UPDATE outbox_streams SET acked = max(acked, ?) WHERE dest = ?", [(a, d) for d, a in acked.items()])
+        elif kind is JournalGone:
+            gone = [(r.lseq,) for r in batch]
+            many("DELETE FROM outbox_entries WHERE lseq = ?", gone)
+            many("DELETE FROM outbox_seqs WHERE lseq = ?", gone)
+        elif kind is JournalStream:
+            many("INSERT OR REPLACE INTO outbox_streams VALUES (?, ?, 1, 0)", [(r.dest, r.epoch) for r in batch])
+        elif kind is JournalInterest:
+            many("INSERT OR REPLACE INTO outbox_interest VALUES (?, ?)", [(r.dest, r.declaration) for r in batch])
+        elif kind is JournalForget:
+            for r in batch:
+                ex("DELETE FROM outbox_streams WHERE dest = ?", (r.dest,))
+                ex("DELETE FROM outbox_seqs WHERE dest = ?", (r.dest,))
+                ex("DELETE FROM outbox_interest WHERE dest = ?", (r.dest,))
+        elif kind is JournalHorizon:
+            ex("INSERT OR REPLACE INTO meta VALUES ('outbox_released_until_ms', ?)", (batch[-1].released_until_ms,))
 
 
 def _pack_properties(properties: dict[str, Any] | None) -> bytes | None:
