@@ -160,7 +160,7 @@ class RetainedConfig:
     max_entries: int = 200_000
     max_bytes: int = 256 * 1024 * 1024
     tombstone_ttl: float = 86_400.0  # seconds a delete is remembered against stale copies
-    anti_entropy_interval: float = 30.0  # seconds between digest comparisons with each peer
+    anti_entropy_interval: float = 30.0  # seconds between digest comparisons, each with one random member
     # A peer's timestamp more than this many seconds ahead of our wall clock is refused
     # (zmesh.retained.hlc; CockroachDB's max offset).
     max_clock_offset: float = 60.0

@@ -200,6 +200,11 @@ class Mesh(RetainedSync):
         # Seeds dialled for SEED_WARN_AFTER with no handshake -> why (for wait_for_peers too).
         self.seed_trouble: dict[tuple[str, int], str] = {}
         self._next_forget = 0.0
+        # Retained anti-entropy: one random member per anti_entropy_interval (issue 16),
+        # and the links whose sync is in flight (their answer may be lost with a peer).
+        self._next_anti_entropy = time.monotonic() + anti_entropy_interval
+        self._syncs_in_flight: dict[str, Link] = {}
+        self._first_syncs_due: dict[str, Link] = {}  # links up whose first sync could not be sent yet
         self._diagnoses: set[asyncio.Task[None]] = set()
         # Work queues (zmesh.jobs.service wires these): what we serve, and where jobs go.
         self.local_queues: dict[str, int] = {}
@@ -619,6 +624,8 @@ class Mesh(RetainedSync):
         link.sub = sub
         link.reset_sync()
         self.request_sync(link)
+        if not link.sync_pending:  # our DEALER's handshake is not done: asked again each tick
+            self._first_syncs_due[peer.key] = link
         link.sub_reader = EventReader(self, link, sub)
 
     def _close_sub(self, link: Link) -> None:
@@ -941,13 +948,35 @@ class Mesh(RetainedSync):
                     self.delivery.tick(now)
                 except Exception as exc:  # noqa: BLE001 - a failed tick must not end liveness
                     self.drop(CONTROL_ERROR, f"delivery tick: {type(exc).__name__}: {exc}")
-            for link in self.links.values():
-                if link.sub is not None and link.peer.state in MEMBER_STATES:
-                    if link.sync_pending and now - link.last_sync > SYNC_TIMEOUT:
+            if self._syncs_in_flight:  # O(syncs in flight): none or a few, never every peer
+                for key, link in list(self._syncs_in_flight.items()):
+                    if not link.sync_pending or self.links.get(key) is not link:
+                        del self._syncs_in_flight[key]
+                    elif now - link.last_sync > SYNC_TIMEOUT:
                         link.sync_pending = False  # the answer was lost with a dropped peer
-                    if now - link.last_sync >= self.anti_entropy_interval:
+                        del self._syncs_in_flight[key]
+            if self._first_syncs_due:  # O(links just up whose DEALER was not connected yet)
+                for key, link in list(self._first_syncs_due.items()):
+                    if self.links.get(key) is not link or link.sync_pending or link.synced_upto is not None:
+                        del self._first_syncs_due[key]
+                    elif link.sub is not None and link.peer.state in MEMBER_STATES:
                         self.request_sync(link)
+            if now >= self._next_anti_entropy:
+                self._next_anti_entropy = now + self.anti_entropy_interval
+                self._anti_entropy_round()
             await asyncio.sleep(TICK)
+
+    def _anti_entropy_round(self) -> None:
+        """One digest exchange with one random member: every node holds every retained
+        value, so any member will do, and rounds against random members converge the mesh
+        epidemically (O(log N) rounds) at O(1) exchanges per node per interval. Against every
+        peer it was O(N) per node and O(N^2) for the mesh. A link's first sync happens when
+        it comes up, and a gap in a peer's sequence asks that peer at once (sync.py)."""
+        # O(links) once per interval (30 s by default) to draw from them, not per tick.
+        members = [link for link in self.links.values()
+                   if link.sub is not None and link.peer.state in MEMBER_STATES and not link.sync_pending]
+        if members:
+            self.request_sync(random.choice(members))
 
     # ------------------------------------------------------------------ events out
 

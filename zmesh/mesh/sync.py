@@ -59,6 +59,7 @@ class RetainedSync:
     may_publish: Callable[[Peer, str, int], bool] | None
     sync_limits: PeerLimits
     drop: Callable[[str, str], None]
+    _syncs_in_flight: dict[str, Link]
 
     if TYPE_CHECKING:  # the mesh's own methods
 
@@ -76,6 +77,7 @@ class RetainedSync:
             link.sync_pending = True
             link.last_sync = time.monotonic()
             self.stats["syncs_requested"] += 1
+            self._syncs_in_flight[link.peer.key] = link
 
     def _check_retained_seq(self, link: Link, announced: int) -> None:
         """A hello said the peer has sent retained frames up to ``announced``. Frames lost
