@@ -61,6 +61,10 @@ FLUSH_COUNT = 1024
 FLUSH_BYTES = 256 * 1024
 # How often the liveness loop runs, and how fast an unanswered peer is re-hailed.
 TICK = 0.05
+# Members one hello names (issue 16): those whose state changed in the last RECENT_HEARTBEATS
+# heartbeats first, the rest drawn at random. 16 x ~60 B, whatever the mesh's size.
+HELLO_PEERS = 16
+RECENT_HEARTBEATS = 5
 # A hello sent before the CURVE handshake completes is dropped (IMMEDIATE), so an
 # unanswered peer is re-hailed often; it costs nothing on the wire until it connects.
 RETRY_HELLO = 0.05
@@ -200,6 +204,8 @@ class Mesh(RetainedSync):
         # Seeds dialled for SEED_WARN_AFTER with no handshake -> why (for wait_for_peers too).
         self.seed_trouble: dict[tuple[str, int], str] = {}
         self._next_forget = 0.0
+        self._peer_list: tuple[tuple[str, str, int], ...] = ()
+        self._peer_list_at: float | None = None  # when _peer_list was drawn (see _hello)
         # Retained anti-entropy: one random member per anti_entropy_interval (issue 16),
         # and the links whose sync is in flight (their answer may be lost with a peer).
         self._next_anti_entropy = time.monotonic() + anti_entropy_interval
@@ -341,19 +347,46 @@ class Mesh(RetainedSync):
     def peers(self) -> list[Peer]:
         return sorted(self.membership.peers.values(), key=lambda p: (p.name, p.key))
 
-    def _hello(self) -> wire.Hello:
-        links, recent = self.links, time.monotonic() - self.membership.expiry
-        known = []
-        for p in self.membership.up():  # O(members): the hello lists them all anyway
+    def _hello(self, full: bool = False) -> wire.Hello:
+        """Our hello. It names at most HELLO_PEERS members (issue 16: no message carries the
+        whole member list): the ones whose state changed lately first, so that a join or a
+        restart spreads within a few heartbeats, then others drawn at random. ``full``: every
+        member, for the welcome that answers a peer just joined or restarted (push-pull
+        once, on join). The list is made at most once per tick (welcomes answer every
+        hello: building it per answer was O(N) per hello, O(N^2) per second)."""
+        now = time.monotonic()
+        if full or self._peer_list_at is None or now - self._peer_list_at >= TICK:
+            listed = self._listed_peers(now, full)
+            if full:
+                return self._hello_with(listed)
+            self._peer_list, self._peer_list_at = listed, now
+        return self._hello_with(self._peer_list)
+
+    def _listed_peers(self, now: float, full: bool) -> tuple[tuple[str, str, int], ...]:
+        links = self.links
+        recent_since = now - RECENT_HEARTBEATS * self.heartbeat_interval
+        recent: list[tuple[str, str, int]] = []
+        others: list[tuple[str, str, int]] = []
+        twins: list[tuple[str, str, int]] = []
+        for p in self.membership.up():  # O(members), once per tick at most
             link = links.get(p.key)
             if link is None:
                 continue
-            known.append((p.key, p.host, p.control_port))
-            if link.twins is not None and link.twins_at > recent:
+            (recent if p.since >= recent_since else others).append((p.key, p.host, p.control_port))
+            if link.twins is not None and link.twins_at > now - self.membership.expiry:
                 # Both holders of a copied key, whichever said hello last: each of them then
                 # hears of the other from our next hello. Listing only the last one, a holder
                 # whose hellos always reached us just before ours went out never heard.
-                known.extend((p.key, host, port) for host, port in link.twins if (host, port) != (p.host, p.control_port))
+                twins.extend((p.key, host, port) for host, port in link.twins if (host, port) != (p.host, p.control_port))
+        if full or len(recent) + len(others) <= HELLO_PEERS:
+            return (*recent, *others, *twins)
+        listed = recent[:HELLO_PEERS]
+        room = HELLO_PEERS - len(listed)
+        if room > 0:
+            listed += random.sample(others, min(room, len(others)))
+        return (*listed, *twins)
+
+    def _hello_with(self, known: tuple[tuple[str, str, int], ...]) -> wire.Hello:
         return wire.Hello(
             name=self.name,
             version=wire.WIRE_VERSION,
@@ -362,7 +395,7 @@ class Mesh(RetainedSync):
             pub_port=self.pub_port,
             pull_port=self.pull_port,
             host=self.advertise_host,
-            peers=tuple(known),
+            peers=known,
             queues=tuple(sorted(self.local_queues.items())),
             retained_seq=self.retained_seq,
             cert=self.admission.own_chain if self.admission is not None else None,
@@ -767,7 +800,7 @@ class Mesh(RetainedSync):
             await self._answer_sync(ident.bytes, message, router, key)
             return
         if message.kind == wire.PROBE:  # zmesh doctor: answer, but it is no peer
-            await router.send_multipart([ident.bytes, wire.encode_control(wire.WELCOME, self._hello())])
+            await router.send_multipart([ident.bytes, wire.encode_control(wire.WELCOME, self._hello(full=True))])
             return
         if message.kind == wire.BYE:
             if key in self.links:
@@ -790,8 +823,13 @@ class Mesh(RetainedSync):
             self._check_duplicate_key(key, host, message.hello)
             link = self._link_to(key, host, message.hello.control_port)
             link.peer.host = link.peer.host or host
+            previous = link.peer.hello
+            joined = (link.peer.state not in MEMBER_STATES or previous is None
+                      or previous.incarnation != message.hello.incarnation)
             self._observe(key, message.hello)
-            reply = wire.encode_control(wire.WELCOME, self._hello())
+            # A peer just joined (or restarted) gets every member once (push-pull); the
+            # others a heartbeat's sample.
+            reply = wire.encode_control(wire.WELCOME, self._hello(full=joined))
         try:
             await router.send_multipart([ident.bytes, reply], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
