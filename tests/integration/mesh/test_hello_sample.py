@@ -41,7 +41,11 @@ def test_hellos_name_a_bounded_sample_and_a_joiner_still_learns_everyone(tmp_pat
                     Node(config=_config(certs, "n3", seeds)) as n3, Node(config=_config(certs, "n4", seeds)) as n4:
                 nodes = [seed, n1, n2, n3, n4]
                 await asyncio.gather(*(n.wait_for_peers(4, timeout=20) for n in nodes))
-                sampled = [len(n.mesh._hello().peers) for n in nodes if n.mesh is not None]
+                sampled = []
+                for n in nodes:
+                    assert n.mesh is not None
+                    n.mesh._peer_list_at = None  # a fresh draw (the list is kept for one tick)
+                    sampled.append(len(n.mesh._hello().peers))
                 full = [len(n.mesh._hello(full=True).peers) for n in nodes if n.mesh is not None]
                 return sampled, full
 
