@@ -232,6 +232,16 @@ def _is_int(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
+def _topic_name(value: Any, what: str) -> str:
+    """A stored topic name, checked as a client's PUBLISH topic is."""
+    topic = _text(value, f"{what} topic")
+    try:
+        topics.validate_topic_name(topic)
+    except topics.TopicError as exc:
+        raise _BadRow(f"{what}: {exc}") from None
+    return topic
+
+
 def _text(value: Any, what: str, limit: int = 65535) -> str:
     if type(value) is not bytes or len(value) > limit:
         raise _BadRow(f"{what} is not a string of at most {limit} bytes")
@@ -470,11 +480,7 @@ class SessionDisk:
             if pid and pid in pids:
                 raise _BadRow(f"{who}: message {seq}: packet id {pid} twice")
             pids.add(pid)
-            topic = _text(topic_raw, f"{who}: message {seq} topic")
-            try:
-                topics.validate_topic_name(topic)
-            except topics.TopicError as exc:
-                raise _BadRow(f"{who}: message {seq}: {exc}") from None
+            topic = _topic_name(topic_raw, f"{who}: message {seq}")
             if type(payload) is not bytes or len(payload) > limits.max_packet_size:
                 raise _BadRow(f"{who}: message {seq}: payload is not bytes within mqtt.max_packet_size")
             properties = self._properties(props_raw, f"{who}: message {seq}")
@@ -589,11 +595,7 @@ class SessionDisk:
             if not (_is_int(lseq, 1, 1 << 62) and _is_int(qos, 1, 2) and _is_int(ts, 0, 1 << 62)
                     and _is_int(copy_of, 0, lseq - 1)):
                 raise _BadRow(f"outbox message {lseq!r}: bad numbers")
-            topic = _text(topic_raw, f"outbox message {lseq} topic")
-            try:
-                topics.validate_topic_name(topic)
-            except topics.TopicError as exc:
-                raise _BadRow(f"outbox message {lseq}: {exc}") from None
+            topic = _topic_name(topic_raw, f"outbox message {lseq}")
             if type(payload) is not bytes or len(payload) > limit:
                 raise _BadRow(f"outbox message {lseq}: payload is not bytes within mqtt.max_packet_size")
             properties = self._properties(props_raw, f"outbox message {lseq}")
