@@ -128,11 +128,6 @@ class RetainedSync:
         else:
             link.synced_upto = max(link.synced_upto, seq)
 
-    def _on_sync_data(self, link: Link, message: wire.ControlMessage) -> None:
-        assert message.entries is not None
-        self._apply_sync_entries(link, message.entries)
-        self._end_sync_chunk(link, message)
-
     def _apply_sync_entries(self, link: Link, entries: list[RetainedEntry]) -> None:
         self.stats["sync_entries_in"] += len(entries)
         entries = self._valid_entries(link, entries)
